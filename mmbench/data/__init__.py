@@ -1,0 +1,1 @@
+"""Data: prepared store, datasets, decoding, features, transforms."""

@@ -1,0 +1,1 @@
+"""Training engine: the loop, evaluation, selection, checkpoints; one run end to end."""

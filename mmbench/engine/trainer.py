@@ -1,0 +1,288 @@
+"""The training loop: epochs of method steps, evaluation of every split, model selection,
+per-epoch checkpoints (resume from the last finished epoch), and the reference metrics
+(competition strength, probes) that need more than one pass.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch.utils.data import DataLoader
+
+from mmbench.data.store import PreparedDataset, collate
+from mmbench.data.transforms import get_transform
+from mmbench.engine import checkpoint as ckpt
+from mmbench.engine.device import rng_state, seed_everything, set_rng_state
+from mmbench.engine.evaluate import SplitOutputs, collect, metrics_of
+from mmbench.errors import RunFailed
+from mmbench.methods.base import METHODS, EpochContext, Method, ModelSpec, StepContext, TrainSpec
+
+SELECTIONS = ("best-val", "last", "oracle-test")
+Progress = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class TrainResult:
+    history: list[dict[str, Any]]
+    finals: dict[str, dict[str, dict[str, float]]]
+    selected_epoch: int
+    selected: dict[str, int]
+    counts: dict[str, int]
+    describe: dict[str, Any]
+    wall_seconds: float
+
+
+@dataclass
+class Trainer:
+    cfg: dict[str, Any]
+    run_dir: Path
+    device: torch.device
+    data_dir: str | None = None
+    workers: int = 0
+    progress: Progress | None = None
+    dependencies: dict[str, Path] = field(default_factory=dict)  # modality -> unimodal run dir
+
+    # ---------------------------------------------------------------------------------------
+    def build_method(self, data: PreparedDataset) -> Method:
+        cfg = self.cfg
+        cls = METHODS.get(cfg["method"]["name"])
+        hp = cls.HParams.model_validate({k: v for k, v in cfg["method"].items() if k != "name"})
+        spec = ModelSpec(
+            backbone=cfg["model"]["backbone"],
+            fusion=cfg["model"]["fusion"],
+            input_shapes={m: list(s.shape) for m, s in data.meta.modalities.items()},
+            num_classes=data.num_classes,
+            init=cfg["model"]["init"],
+        )
+        cls.check(spec, hp)
+        t = cfg["train"]
+        train = TrainSpec(epochs=t["epochs"], optimizer=t["optimizer"], scheduler=t["scheduler"], precision=t["precision"])
+        return cls(spec, hp, train)
+
+    def _loader(self, split: Any, train: bool, batch_size: int, seed: int) -> DataLoader:
+        g = torch.Generator()
+        g.manual_seed(seed)
+        return DataLoader(
+            split,
+            batch_size=batch_size,
+            shuffle=train,
+            drop_last=train and self.cfg["train"]["drop_last"],
+            num_workers=self.workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
+            collate_fn=collate,
+            generator=g,
+        )
+
+    # ---------------------------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        cfg = self.cfg
+        t_cfg = cfg["train"]
+        seed = int(cfg["seed"])
+        seed_everything(seed)
+        data = PreparedDataset(cfg["dataset"]["name"], cfg["dataset"]["protocol"], self.data_dir)
+        method = self.build_method(data)
+        method.setup(self.device)
+        mods = method.modalities
+        transforms = {m: get_transform(s.transform, **s.transform_args) for m, s in data.meta.modalities.items()}
+        aug_gen = torch.Generator()
+
+        def prepare(raw: dict[str, torch.Tensor], train: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+            inputs = {}
+            for m in mods:
+                x = raw[m].to(self.device, non_blocking=True)
+                inputs[m] = transforms[m](x, train, aug_gen if train else None)
+            return inputs, raw["label"].to(self.device, non_blocking=True)
+
+        splits = {s: data.split(s, mods) for s in ("train", "val", "test")}
+        counts = {s: len(v) for s, v in splits.items()}
+        bs = int(t_cfg["batch_size"])
+        ebs = int(t_cfg["eval_batch_size"] or max(bs, 64))
+        eval_loaders = {s: self._loader(v, False, ebs, seed) for s, v in splits.items() if len(v) > 0}
+        n_train = counts["train"]
+        steps = n_train // bs if t_cfg["drop_last"] else math.ceil(n_train / bs)
+        epochs = int(t_cfg["epochs"])
+
+        history: list[dict[str, Any]] = []
+        best: dict[str, tuple[float, int]] = {}
+        start_epoch = 0
+        ck_path = self.run_dir / "checkpoint.pt"
+        if ck_path.is_file():
+            state = ckpt.load(ck_path, self.device)
+            method.load_extra_state(state["extra"])
+            method.load_state_dict(state["method"])
+            if method.optimizer is not None and state.get("optimizer") is not None:
+                method.optimizer.load_state_dict(state["optimizer"])
+            if method.scheduler is not None and state.get("scheduler") is not None:
+                method.scheduler.load_state_dict(state["scheduler"])
+            if method.scaler is not None and state.get("scaler") is not None:
+                method.scaler.load_state_dict(state["scaler"])
+            set_rng_state(state["rng"])
+            history = state["history"]
+            best = {k: tuple(v) for k, v in state["best"].items()}  # type: ignore[misc]
+            start_epoch = int(state["epoch"]) + 1
+
+        concept = self._concepts(data, prepare) if cfg["metrics"]["competition"] and self.dependencies else None
+        sel_metric = t_cfg["selection_metric"]
+        wall0 = time.perf_counter()
+        for epoch in range(start_epoch, epochs):
+            ectx = EpochContext(
+                epoch=epoch, num_epochs=epochs, steps_per_epoch=steps, device=self.device,
+                loaders={"train": self._loader(splits["train"], True, bs, seed * 100_003 + epoch), **eval_loaders},
+                prepare_batch=prepare,
+            )
+            aug_gen.manual_seed(seed * 100_003 + epoch)
+            method.train()
+            start_logs = method.on_epoch_start(ectx) or {}
+            t0 = time.perf_counter()
+            sums: dict[str, Any] = {}
+            n = 0
+            loader = self._loader(splits["train"], True, bs, seed * 100_003 + epoch)
+            for step, raw in enumerate(loader):
+                inputs, y = prepare(raw, True)
+                out = method.update(inputs, y, StepContext(epoch, step, steps, epochs))
+                for k, v in out.items():
+                    sums[k] = sums.get(k, 0.0) + (v.detach().float() if isinstance(v, torch.Tensor) else float(v))
+                n += 1
+                if self.progress and (step % 10 == 0 or step == steps - 1):
+                    self.progress({"event": "step", "epoch": epoch, "epochs": epochs, "step": step + 1, "steps": steps})
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            train_seconds = time.perf_counter() - t0
+            step_logs = {k: float(v) / max(n, 1) for k, v in sums.items()}
+            if not all(math.isfinite(v) for k, v in step_logs.items() if k == "loss" or k.startswith("loss")):
+                raise RunFailed(f"non-finite training loss at epoch {epoch} ({step_logs}); lower the learning rate or check the data")
+            method.scheduler_step(epoch)
+            end_logs = method.on_epoch_end(ectx) or {}
+
+            outs: dict[str, SplitOutputs] = {}
+            metrics: dict[str, dict[str, float]] = {}
+            for s, ld in eval_loaders.items():
+                if s == "train" and not t_cfg.get("eval_train", True):
+                    continue
+                outs[s] = collect(method, ld, prepare)
+                metrics[s] = metrics_of(outs[s], data.num_classes)
+            train_m = metrics.setdefault("train", {})
+            train_m["epoch_seconds"] = train_seconds
+            train_m["train_loss"] = step_logs.get("loss", float("nan"))
+            for k, v in step_logs.items():
+                if k != "loss":
+                    train_m[f"method/{k}"] = v
+            for k, v in {**start_logs, **end_logs}.items():
+                train_m[f"method/{k}"] = float(v)
+            if concept is not None and "val" in outs and "test" in outs:
+                from mmbench.metrics.competition import competition_strength
+
+                for m, (cv, ct) in concept.items():
+                    metrics["test"][f"competition/{m}"] = competition_strength(
+                        _fused_repr(outs["val"]), cv, _fused_repr(outs["test"]), ct
+                    )
+            pe = int(cfg["metrics"]["probe_every"])
+            if pe and (epoch + 1) % pe == 0 and "train" in outs:
+                self._probe_into(outs, metrics)
+            history.append({"epoch": epoch, "metrics": metrics})
+
+            improved = self._update_best(best, history[-1], sel_metric)
+            primary = t_cfg["selection"]
+            if primary in improved or primary == "last":
+                ckpt.save_atomic({"method": method.state_dict(), "extra": method.extra_state(), "epoch": epoch},
+                                 self.run_dir / "model_selected.pt")
+            ckpt.save_atomic(
+                {
+                    "epoch": epoch,
+                    "method": method.state_dict(),
+                    "extra": method.extra_state(),
+                    "optimizer": method.optimizer.state_dict() if method.optimizer is not None else None,
+                    "scheduler": method.scheduler.state_dict() if method.scheduler is not None else None,
+                    "scaler": method.scaler.state_dict() if method.scaler is not None else None,
+                    "rng": rng_state(),
+                    "history": history,
+                    "best": best,
+                },
+                ck_path,
+            )
+            if self.progress:
+                self.progress({"event": "epoch", "epoch": epoch + 1, "epochs": epochs, "metrics": metrics})
+
+        selected = {
+            "best-val": best["best-val"][1] if "best-val" in best else history[-1]["epoch"],
+            "last": history[-1]["epoch"],
+            "oracle-test": best["oracle-test"][1] if "oracle-test" in best else history[-1]["epoch"],
+        }
+        primary_epoch = selected[t_cfg["selection"]]
+        if cfg["metrics"]["probe"]:
+            sel = ckpt.load(self.run_dir / "model_selected.pt", self.device)
+            method.load_extra_state(sel["extra"])
+            method.load_state_dict(sel["method"])
+            outs = {s: collect(method, ld, prepare) for s, ld in eval_loaders.items()}
+            probe_metrics: dict[str, dict[str, float]] = {s: {} for s in outs}
+            self._probe_into(outs, probe_metrics)
+            for h in history:
+                if h["epoch"] == primary_epoch:
+                    for s, vals in probe_metrics.items():
+                        h["metrics"].setdefault(s, {}).update(vals)
+        by_epoch = {h["epoch"]: h["metrics"] for h in history}
+        finals = {rule: by_epoch[e] for rule, e in selected.items()}
+        return TrainResult(
+            history=history, finals=finals, selected_epoch=primary_epoch, selected=selected, counts=counts,
+            describe=method.describe_run(), wall_seconds=time.perf_counter() - wall0,
+        )
+
+    # ---------------------------------------------------------------------------------------
+    @staticmethod
+    def _update_best(best: dict[str, tuple[float, int]], h: dict[str, Any], metric: str) -> set[str]:
+        improved = set()
+        for rule, split in (("best-val", "val"), ("oracle-test", "test")):
+            v = h["metrics"].get(split, {}).get(metric)
+            if v is None or not math.isfinite(v):
+                continue
+            if rule not in best or v > best[rule][0]:  # ties keep the earlier epoch
+                best[rule] = (v, h["epoch"])
+                improved.add(rule)
+        return improved
+
+    def _probe_into(self, outs: dict[str, SplitOutputs], metrics: dict[str, dict[str, float]]) -> None:
+        from mmbench.metrics.probe import linear_probe
+
+        if "train" not in outs:
+            return
+        for m in outs["train"].features:
+            evals = {s: (o.features[m], o.labels) for s, o in outs.items() if s != "train"}
+            scores = linear_probe(outs["train"].features[m], outs["train"].labels, evals)
+            for s, v in scores.items():
+                metrics.setdefault(s, {})[f"probe_acc/{m}"] = v
+
+    def _concepts(self, data: PreparedDataset, prepare: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Mono-modal concepts: pooled features of each unimodal reference run (its selected
+        weights) on the val and test splits."""
+        from mmbench.engine.run import load_run_config
+
+        out = {}
+        for m, rdir in self.dependencies.items():
+            dep_cfg = load_run_config(rdir)
+            dep = Trainer(dep_cfg, rdir, self.device, self.data_dir).build_method(data)
+            dep.setup(self.device)
+            state = ckpt.load(rdir / "model_selected.pt", self.device)
+            dep.load_state_dict(state["method"])
+            feats = []
+            for s in ("val", "test"):
+                ld = self._loader(data.split(s, [m]), False, 128, 0)
+
+                def prep(raw: dict[str, torch.Tensor], train: bool, _m: str = m) -> Any:
+                    spec = data.meta.modalities[_m]
+                    x = get_transform(spec.transform, **spec.transform_args)(raw[_m].to(self.device), False, None)
+                    return {_m: x}, raw["label"].to(self.device)
+
+                feats.append(collect(dep, ld, prep).features[m])
+            out[m] = (feats[0], feats[1])
+        return out
+
+
+def _fused_repr(o: SplitOutputs) -> torch.Tensor:
+    """The joint model's fused representation for competition strength: concatenated pooled
+    features (late fusion), as AGM's code uses."""
+    return torch.cat([o.features[m] for m in sorted(o.features, key=list(o.features).index)], dim=1)

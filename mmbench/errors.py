@@ -1,0 +1,11 @@
+"""User-facing errors. The CLI turns `UserError` into one message and exit code 2; anything else
+is a bug or a failed run (exit 1)."""
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Bad input: a recipe, an argument, missing data. The message says what and what to do."""
+
+
+class RunFailed(Exception):
+    """A run could not finish (NaN loss, crash in a method); the sweep records it and goes on."""

@@ -1,0 +1,1 @@
+"""Metrics: classification, imbalance, competition strength, probes."""

@@ -1,0 +1,1 @@
+"""Models: encoders (backbones), fusion heads, the multimodal classifier."""

@@ -1,0 +1,129 @@
+"""Modality encoders: input tensor -> pooled feature (B, D).
+
+ResNet18 as every method repo uses it (METHODS.md §5 "Backbones"): BasicBlock [2,2,2,2], widths
+64-128-256-512, no pretraining, no avgpool/fc inside; audio conv1 takes 1 channel, visual frames
+are folded into the batch and pooled over time and space together. `tiny` is a 3-layer CNN with
+the same input/output contract for CPU runs and tests.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from mmbench.registry import Registry
+
+BackboneFactory = Callable[[str, int], "Encoder"]
+BACKBONES: Registry[BackboneFactory] = Registry("backbone")
+
+
+class Encoder(nn.Module):
+    """Maps one modality's input to a pooled feature vector of size `out_dim`.
+
+    Audio input is (B, C, F, T); visual input is (B, T, C, H, W) and its frames are encoded as
+    images then averaged over time and space (the 3-D adaptive average pool of the repos).
+    """
+
+    out_dim: int
+
+    def __init__(self, trunk: nn.Module, out_dim: int, video: bool) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.out_dim = out_dim
+        self.video = video
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.video:
+            b, t = x.shape[:2]
+            y = self.trunk(x.reshape(b * t, *x.shape[2:]))
+            y = y.reshape(b, t, *y.shape[1:])  # (B, T, D, h, w)
+            return y.mean(dim=(1, 3, 4))
+        return self.trunk(x).mean(dim=(2, 3))
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample: nn.Module | None = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        idt = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + idt)
+
+
+class ResNet18Trunk(nn.Module):
+    def __init__(self, in_channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        layers = []
+        cin = 64
+        for i, w in enumerate((64, 128, 256, 512)):
+            stride = 1 if i == 0 else 2
+            layers.append(nn.Sequential(BasicBlock(cin, w, stride), BasicBlock(w, w)))
+            cin = w
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        # the backbone's own init (overridden by the model-level init of the recipes that use one)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.normal_(m.weight, 1.0, 0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+
+class TinyTrunk(nn.Module):
+    def __init__(self, in_channels: int, width: int = 32) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        cin = in_channels
+        for cout in (width, width * 2, width * 2):
+            layers += [nn.Conv2d(cin, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            cin = cout
+        self.net = nn.Sequential(*layers[:-1])  # no pool after the last block: keep some space
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+@BACKBONES.register("resnet18")
+def resnet18(modality: str, in_channels: int) -> Encoder:
+    """ResNet18 from scratch (512-d), as in OGM-GE, AGM, MMPareto, Re-learning and MIE."""
+    return Encoder(ResNet18Trunk(in_channels), 512, video=modality_is_video(modality))
+
+
+@BACKBONES.register("tiny")
+def tiny(modality: str, in_channels: int) -> Encoder:
+    """Three conv blocks (64-d): CPU-sized, for the synthetic data and tests."""
+    return Encoder(TinyTrunk(in_channels), 64, video=modality_is_video(modality))
+
+
+VIDEO_MODALITIES = {"visual", "video", "flow", "rgb"}
+
+
+def modality_is_video(modality: str) -> bool:
+    return modality in VIDEO_MODALITIES
+
+
+def build_encoder(backbone: str, modality: str, input_shape: list[int]) -> Encoder:
+    """`input_shape` excludes the batch: audio (C, F, T), visual (T, C, H, W)."""
+    in_channels = input_shape[1] if modality_is_video(modality) else input_shape[0]
+    return BACKBONES.get(backbone)(modality, in_channels)

@@ -1,0 +1,1 @@
+"""Reports: aggregation of the results database into comparison tables and plots."""

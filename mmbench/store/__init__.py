@@ -1,0 +1,1 @@
+"""Results database (SQLModel): tables, engine, ingest from run directories."""

@@ -1,0 +1,1 @@
+"""Sweeps: recipe -> planned runs (with dependencies) -> launched runs."""
