@@ -132,7 +132,10 @@ class Trainer:
         for epoch in range(start_epoch, epochs):
             ectx = EpochContext(
                 epoch=epoch, num_epochs=epochs, steps_per_epoch=steps, device=self.device,
-                loaders={"train": self._loader(splits["train"], True, bs, seed * 100_003 + epoch), **eval_loaders},
+                loaders={
+                    "train": self._loader(splits["train"], True, bs, seed * 100_003 + epoch + 7),  # shuffled; augment via prepare_batch(raw, True)
+                    **{("train_eval" if k == "train" else k): v for k, v in eval_loaders.items()},
+                },
                 prepare_batch=prepare,
             )
             aug_gen.manual_seed(seed * 100_003 + epoch)

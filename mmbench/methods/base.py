@@ -81,9 +81,13 @@ class StepContext:
 
 @dataclass
 class EpochContext:
-    """What epoch hooks may use: loaders for diagnosis passes (train loader yields augmented batches,
-    as the repos' diagnosis does), a function that turns a raw batch into model inputs on the device,
-    and the run's dependencies (e.g. unimodal reference runs)."""
+    """What epoch hooks may use.
+
+    `loaders`: "train" (shuffled, like the training loader; pass its batches through
+    `prepare_batch(raw, True)` to get training augmentations, as Re-learning's diagnosis does),
+    "train_eval" (train split in order, no augmentation), "val", "test". `prepare_batch(raw, train)`
+    returns (inputs: dict[modality, Tensor] on the device, labels). Hooks that switch the model to
+    eval mode must switch it back."""
 
     epoch: int
     num_epochs: int
