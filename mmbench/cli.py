@@ -212,7 +212,9 @@ def datasets(data_dir: Optional[Path] = typer.Option(None, "--data-dir")) -> Non
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)  # returns the code of a typer.Exit instead of raising it
+        if isinstance(rc, int) and rc != 0:
+            sys.exit(rc)
     except UserError as e:
         err_console.print(f"[red]error:[/red] {e}", highlight=False, markup=True)
         sys.exit(2)

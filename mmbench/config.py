@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from mmbench.errors import UserError
 
@@ -83,6 +83,7 @@ class Recipe(Strict):
     methods: list[str | dict[str, Any]] = Field(default_factory=lambda: ["joint"], min_length=1)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     grid: dict[str, list[Any]] = Field(default_factory=dict)
+    _source: str = PrivateAttr("recipe")  # the file it came from, for error messages
 
     @field_validator("grid")
     @classmethod
@@ -167,6 +168,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[R
         recipe = Recipe.model_validate(raw)
     except ValidationError as e:
         raise UserError(_format_validation(e, str(p))) from None
+    recipe._source = str(p)
     return recipe, raw
 
 
@@ -216,9 +218,11 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def expand(recipe: Recipe, where: str = "recipe") -> list[dict[str, Any]]:
+def expand(recipe: Recipe, where: str | None = None) -> list[dict[str, Any]]:
     """Recipe -> list of fully resolved run configs (grid x methods x seeds), deduplicated."""
     from mmbench.data.base import DATASETS
+
+    where = where or recipe._source
 
     if recipe.dataset.name not in DATASETS:
         raise UserError(f"{where}: dataset.name: unknown dataset '{recipe.dataset.name}'; choose one of: {', '.join(DATASETS.names())}")

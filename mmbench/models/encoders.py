@@ -91,7 +91,7 @@ class ResNet18Trunk(nn.Module):
 
 
 class TinyTrunk(nn.Module):
-    def __init__(self, in_channels: int, width: int = 32) -> None:
+    def __init__(self, in_channels: int, width: int = 16) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         cin = in_channels
@@ -112,8 +112,8 @@ def resnet18(modality: str, in_channels: int) -> Encoder:
 
 @BACKBONES.register("tiny")
 def tiny(modality: str, in_channels: int) -> Encoder:
-    """Three conv blocks (64-d): CPU-sized, for the synthetic data and tests."""
-    return Encoder(TinyTrunk(in_channels), 64, video=modality_is_video(modality))
+    """Three conv blocks (32-d): CPU-sized, for the synthetic data and tests."""
+    return Encoder(TinyTrunk(in_channels), 32, video=modality_is_video(modality))
 
 
 VIDEO_MODALITIES = {"visual", "video", "flow", "rgb"}

@@ -35,7 +35,7 @@ def unimodal_reference(cfg: dict[str, Any], modality: str) -> dict[str, Any]:
     return dep
 
 
-def plan(recipe: Recipe, where: str = "recipe", data_dir: str | None = None) -> list[PlannedRun]:
+def plan(recipe: Recipe, where: str | None = None, data_dir: str | None = None) -> list[PlannedRun]:
     runs = [PlannedRun(run_id(c), c) for c in expand(recipe, where)]
     by_id = {r.id: r for r in runs}
     deps_first: list[PlannedRun] = []

@@ -25,17 +25,17 @@ from mmbench.errors import UserError
 @dataclass(frozen=True)
 class SyntheticParams:
     num_classes: int = 6
-    n_train: int = 1800
+    n_train: int = 1200
     n_val: int = 480
     n_test: int = 480
-    audio_shape: tuple[int, int, int] = (1, 32, 32)      # 1 x F x T
+    audio_shape: tuple[int, int, int] = (1, 24, 24)      # 1 x F x T
     visual_frames: int = 2
-    visual_size: int = 32
+    visual_size: int = 24
     audio_snr: float = 1.2          # template amplitude over unit noise
     audio_informative: float = 0.75  # fraction of items whose audio shows their own class
-    visual_snr: float = 0.9
+    visual_snr: float = 0.85
     visual_informative: float = 1.0
-    visual_patch: int = 10          # side of the class pattern moved around the frame
+    visual_patch: int = 8           # side of the class pattern moved around the frame
     seed: int = 0
 
 
@@ -44,7 +44,7 @@ PROTOCOLS: dict[str, SyntheticParams] = {
     # tests: a few hundred items, same phenomenon, seconds to train
     "tiny": SyntheticParams(n_train=360, n_val=120, n_test=120, audio_shape=(1, 16, 16), visual_size=16, visual_patch=6),
     # both modalities equally informative: a control where balancing should change little
-    "balanced": SyntheticParams(audio_informative=1.0, audio_snr=0.45, visual_snr=0.9),
+    "balanced": SyntheticParams(audio_informative=1.0, audio_snr=0.45),
 }
 
 
@@ -86,7 +86,7 @@ class Synthetic(DatasetBuilder):
     name = "synthetic"
     description = "procedural audio+visual data with a controllable imbalance; no download (the default)"
     protocols = {
-        "default": "6 classes, 1800/480/480; audio easy but 75% informative, visual harder, fully informative",
+        "default": "6 classes, 1200/480/480; audio easy but 75% informative, visual harder, fully informative",
         "tiny": "the default in miniature (360/120/120, 16x16), for tests",
         "balanced": "both modalities fully informative and about equally hard (a control)",
     }
