@@ -140,6 +140,7 @@ class StoreWriter:
         (d / "ids.txt").write_text("".join(f"{i}\n" for i in ids))
 
     def finish(self, meta: StoreMeta, report: dict[str, Any]) -> Path:
+        report = {**report, "store_bytes": dir_size_bytes(self.staging)}
         atomic_write_json(self.staging / "prepare_report.json", report)
         atomic_write_json(self.staging / "meta.json", meta.to_json())
         if self.final_dir.exists():
