@@ -46,24 +46,54 @@ def prepare(
     if res.skipped:
         console.print(f"[green]{dataset}/{proto} is already prepared[/green] at {res.store} (nothing to do; --force redoes it)")
         return
-    rep = res.report
-    tab = Table(title=f"prepared {dataset}/{proto} -> {res.store}", title_justify="left")
-    for c in ("split", "expected", "found", "missing", "corrupt"):
-        tab.add_column(c, justify="right" if c != "split" else "left")
+    _print_prepare_report(dataset, proto, res.store, res.report)
+
+
+def _print_prepare_report(dataset: str, proto: str, store: Path, rep: dict) -> None:
+    """The summary a user needs to trust a store: counts per split, why items are out, size, speed."""
+    cols = ("expected", "found", "missing", "corrupt", "stored")
+    tab = Table(title=f"prepared {dataset}/{proto} -> {store}", title_justify="left")
+    tab.add_column("split")
+    for c in cols:
+        tab.add_column(c, justify="right")
+    tab.add_column("why not stored")
     for split, c in rep.get("splits", {}).items():
-        tab.add_row(split, *(str(c.get(k, "")) for k in ("expected", "found", "missing", "corrupt")))
+        why = ", ".join(f"{n} {r}" for r, n in sorted(rep.get("reasons", {}).get(split, {}).items(), key=lambda x: -x[1]))
+        stored = c.get("stored", c.get("found", 0) - c.get("corrupt", 0))
+        tab.add_row(split, *(str(c.get(k, "")) for k in cols[:-1]), str(stored), why)
     console.print(tab)
+    bad = len(rep.get("missing", [])) + len(rep.get("corrupt", []))
+    if bad:
+        console.print(f"[yellow]{bad} listed items are not in the store[/yellow] (ids and reasons: "
+                      f"\"missing\" and \"corrupt\" in the report); runs record the stored counts")
+    prm = rep.get("params", {})
+    a, v = prm.get("audio", {}), prm.get("visual", {})
+    if a or v:
+        desc = []
+        if a:
+            desc.append(f"audio {a.get('features')} at {a.get('sample_rate')} Hz (resampler {a.get('resampler')}), {a.get('dtype')}")
+        if v:
+            desc.append(f"visual {v.get('frames', 1)} frame(s) {v.get('size')}x{v.get('size')} ({v.get('rule', v.get('features'))})")
+        console.print(f"[dim]{'; '.join(desc)}; split {prm.get('split')}[/dim]")
+    parts = []
+    if rep.get("store_bytes") is not None:
+        parts.append(f"store {rep['store_bytes'] / 1e9:.2f} GB")
     if rep.get("seconds") is not None:
-        console.print(f"[dim]{rep['seconds']} s; report: {res.store / 'prepare_report.json'}[/dim]")
+        parts.append(f"{rep['seconds']} s")
+    if rep.get("items_per_second"):
+        parts.append(f"{rep['items_per_second']} clips/s with {rep.get('workers', 1)} workers")
+    parts.append(f"report: {store / 'prepare_report.json'}")
+    console.print("[dim]" + "; ".join(parts) + "[/dim]")
 
 
 def _sweep_opts(recipe: Path, sets: Optional[list[str]], db: Optional[str], runs_dir: Optional[Path],
-                data_dir: Optional[Path], device: Optional[str], workers: int, dry_run: bool, max_runs: Optional[int] = None):
+                data_dir: Optional[Path], device: Optional[str], workers: int, dry_run: bool, max_runs: Optional[int] = None,
+                launcher: Optional[dict] = None, wait: bool = True):
     from mmbench.sweep.launch import SweepOptions
 
     return SweepOptions(recipe=recipe, overrides=list(sets or []), db_url=db, runs_dir=runs_dir,
                         data_dir=str(data_dir) if data_dir else None, device=device, workers=workers,
-                        dry_run=dry_run, max_runs=max_runs)
+                        dry_run=dry_run, max_runs=max_runs, launcher=launcher or {}, wait=wait)
 
 
 def _print_plan(runs: list) -> None:
@@ -82,6 +112,43 @@ def _print_plan(runs: list) -> None:
 SET_HELP = "override a recipe key, value parsed as YAML (repeatable): --set train.epochs=2"
 
 
+def _launcher_opts(launcher: Optional[str], jobs: Optional[int], gpus: Optional[str], jobs_per_gpu: Optional[int],
+                   partition: Optional[str], time: Optional[str], gpus_per_job: Optional[int], cpus_per_job: Optional[int],
+                   mem_gb: Optional[float], array_parallelism: Optional[int], sbatch: Optional[list[str]]) -> dict:
+    """Command-line launcher options -> fields of the recipe's `launcher:` section (they win over it)."""
+    import yaml
+
+    if launcher is not None and launcher not in ("local", "slurm", "local-submitit"):
+        raise UserError(f"--launcher {launcher}: choose local, slurm or local-submitit")
+    for flag, v in (("--jobs", jobs), ("--jobs-per-gpu", jobs_per_gpu), ("--array-parallelism", array_parallelism),
+                    ("--cpus-per-job", cpus_per_job)):
+        if v is not None and v < 1:
+            raise UserError(f"{flag} {v}: must be at least 1")
+    if gpus_per_job is not None and gpus_per_job < 0:
+        raise UserError(f"--gpus-per-job {gpus_per_job}: must be 0 or more")
+    out: dict = {}
+    if gpus is not None:
+        try:
+            out["gpus"] = [int(x) for x in gpus.split(",") if x.strip() != ""]
+        except ValueError:
+            raise UserError(f"--gpus {gpus}: expected comma-separated GPU ids, e.g. --gpus 0,1") from None
+    extra = {}
+    for item in sbatch or []:
+        if "=" not in item:
+            raise UserError(f"--sbatch {item}: expected KEY=VALUE, e.g. --sbatch account=myproj (or --sbatch exclusive=true)")
+        k, v = item.split("=", 1)
+        extra[k.strip().lstrip("-")] = yaml.safe_load(v) if v.strip() else v
+    if extra:
+        out["sbatch"] = extra
+    time_v = None if time is None else (int(time) if time.strip().isdigit() else time)
+    for k, v in (("name", launcher), ("jobs", jobs), ("jobs_per_gpu", jobs_per_gpu), ("partition", partition),
+                 ("time", time_v), ("gpus_per_job", gpus_per_job), ("cpus_per_job", cpus_per_job), ("mem_gb", mem_gb),
+                 ("array_parallelism", array_parallelism)):
+        if v is not None:
+            out[k] = v
+    return out
+
+
 @app.command()
 def sweep(
     recipe: Path = typer.Argument(..., help="YAML recipe"),
@@ -92,18 +159,45 @@ def sweep(
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="prepared stores (default $MMBENCH_DATA or ./data)"),
     device: Optional[str] = typer.Option(None, "--device", help="auto (default), cpu, cuda, cuda:N"),
     workers: int = typer.Option(0, "--workers", min=0, help="data-loader worker processes per run"),
+    launcher: Optional[str] = typer.Option(None, "--launcher", help="local (default) | slurm | local-submitit"),
+    jobs: Optional[int] = typer.Option(None, "--jobs", help="runs at once (local: worker processes; local-submitit: jobs)"),
+    gpus: Optional[str] = typer.Option(None, "--gpus", help="local: GPU ids to place runs on, e.g. 0,1,2,3"),
+    jobs_per_gpu: Optional[int] = typer.Option(None, "--jobs-per-gpu", help="local: runs sharing each GPU (default 1)"),
+    partition: Optional[str] = typer.Option(None, "--partition", help="slurm: partition (required for slurm)"),
+    time: Optional[str] = typer.Option(None, "--time", help="slurm: time limit per job, minutes or SLURM format (2:00:00)"),
+    gpus_per_job: Optional[int] = typer.Option(None, "--gpus-per-job", help="slurm: GPUs per job (default 1)"),
+    cpus_per_job: Optional[int] = typer.Option(None, "--cpus-per-job", help="slurm: CPUs per job"),
+    mem_gb: Optional[float] = typer.Option(None, "--mem-gb", help="slurm: memory per job (GB)"),
+    array_parallelism: Optional[int] = typer.Option(None, "--array-parallelism", help="slurm: array tasks running at once"),
+    sbatch: Optional[list[str]] = typer.Option(None, "--sbatch", help="slurm: extra sbatch option KEY=VALUE (repeatable)"),
+    no_wait: bool = typer.Option(False, "--no-wait", help="submit and return; re-run the same command to collect and resume"),
 ) -> None:
     """Train every (method x setting x seed) run of a recipe; re-run to resume."""
     from mmbench.sweep.launch import run_sweep
 
-    opts = _sweep_opts(recipe, sets, db, runs_dir, data_dir, device, workers, dry_run)
+    lopts = _launcher_opts(launcher, jobs, gpus, jobs_per_gpu, partition, time, gpus_per_job, cpus_per_job, mem_gb,
+                           array_parallelism, sbatch)
+    opts = _sweep_opts(recipe, sets, db, runs_dir, data_dir, device, workers, dry_run, launcher=lopts, wait=not no_wait)
     out = run_sweep(opts, console, on_plan=_print_plan if dry_run else None)
     if dry_run:
         return
-    console.print(f"[bold]{out.sweep_name}[/bold]: {out.completed} trained, {out.skipped} already done, {len(out.failed)} failed")
+    line = f"[bold]{out.sweep_name}[/bold]: {out.completed} trained, {out.skipped} already done, {len(out.failed)} failed"
+    if out.in_flight or out.waiting:
+        line += f", {out.in_flight} queued or training, {out.waiting} waiting for dependencies"
+    console.print(line)
+    if out.in_flight or out.waiting:
+        console.print("re-run the same `mmbench sweep` command to collect finished runs and submit the rest "
+                      "(`mmbench runs` shows progress)")
+    if out.db_errors:
+        from mmbench.sweep.launch import default_runs_dir
+
+        where = opts.runs_dir or default_runs_dir()
+        err_console.print(f"[yellow]{len(out.db_errors)} finished run(s) are not in the database[/yellow] "
+                          f"({out.db_errors[0][1]}); their results are safe: `mmbench ingest {where}` writes them")
     if out.failed:
         for label, err in out.failed:
-            err_console.print(f"[red]failed[/red] {label}: {err}")
+            err_console.print(f"[red]failed[/red] {label}: {err}", highlight=False)
+    if out.failed or out.db_errors:
         raise typer.Exit(1)
 
 
@@ -128,7 +222,7 @@ def train(
     if len(requested) != 1:
         raise UserError(f"{recipe}: expands to {len(requested)} runs; `mmbench train` runs exactly one. "
                         "Narrow it with --set (e.g. --set methods=[joint] --set seeds=[0]) or use `mmbench sweep`.")
-    opts = _sweep_opts(recipe, sets, db, runs_dir, data_dir, device, workers, False)
+    opts = _sweep_opts(recipe, sets, db, runs_dir, data_dir, device, workers, False, max_runs=1)
     out = run_sweep(opts, console)
     if out.failed:
         err_console.print(f"[red]failed[/red] {out.failed[0][0]}: {out.failed[0][1]}")
@@ -136,16 +230,69 @@ def train(
 
 
 @app.command()
+def ingest(
+    path: Path = typer.Argument(..., help="a runs dir (e.g. ./runs) or one run's directory"),
+    db: Optional[str] = typer.Option(None, "--db", help="SQLAlchemy URL (default $MMBENCH_DB or sqlite:///results.db)"),
+) -> None:
+    """Fill the database from run directories; idempotent, so safe to repeat (recovers lost writes)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from mmbench.store.db import get_engine
+    from mmbench.sweep.ingest import ingest_path, run_dirs
+
+    run_dirs(path)  # bad input first, before a database file is created
+    engine = get_engine(db)
+    try:
+        rep = ingest_path(engine, path)
+    except SQLAlchemyError as e:
+        err_console.print(f"[red]database write failed[/red]: {e.__class__.__name__}: {str(e).splitlines()[0]}; "
+                          "nothing was half-written (one transaction per run); retry when the database is reachable")
+        raise typer.Exit(1)
+    c = rep.counts
+    line = (f"ingested {sum(c.values())} run(s) from {path}: {c['completed']} completed, {c['failed']} failed, "
+            f"{c['unfinished']} unfinished")
+    if rep.sweeps:
+        line += f" (sweeps: {', '.join(sorted(set(rep.sweeps)))})"
+    console.print(line)
+
+
+@app.command("runs")
+def runs_cmd(
+    sweep: Optional[str] = typer.Option(None, "--sweep", help="only runs of this sweep (by name)"),
+    status: Optional[str] = typer.Option(None, "--status", help="pending | running | completed | failed"),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="only this dataset"),
+    db: Optional[str] = typer.Option(None, "--db"),
+) -> None:
+    """List runs with status, progress (epochs done/total), error and run directory."""
+    from mmbench.report.runs import list_runs, runs_table
+    from mmbench.store.db import get_engine
+
+    engine = get_engine(db, create=False)
+    rows = list_runs(engine, sweep, status, dataset)
+    what = " ".join(x for x in (status or "", "runs", f"of sweep {sweep}" if sweep else "",
+                                f"on {dataset}" if dataset else "") if x)
+    if not rows:
+        console.print(f"no {what}")
+        return
+    console.print(runs_table(rows, f"{len(rows)} {what}"))
+
+
+@app.command()
 def report(
-    compare: bool = typer.Option(False, "--compare", help="comparison table: one row per method and setting"),
+    compare: bool = typer.Option(False, "--compare", help="comparison table: one row per method and setting (default)"),
     sweep: Optional[str] = typer.Option(None, "--sweep", help="only runs of this sweep (by name)"),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="only this dataset"),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="method (or label) to compare to, paired over seeds"),
+    metric: Optional[list[str]] = typer.Option(None, "--metric", help="column(s) to show, repeatable; wildcards: 'acc/*'"),
     selection: str = typer.Option("best-val", "--selection", help="best-val | last | oracle-test"),
-    fmt: str = typer.Option("table", "--format", help="table | markdown | csv | latex"),
+    split: str = typer.Option("test", "--split", help="test | val"),
+    ci: bool = typer.Option(False, "--ci", help="show 95 %% confidence intervals instead of standard deviations"),
+    fmt: str = typer.Option("table", "--format", help="table | markdown | csv | latex | html"),
+    plot: Optional[str] = typer.Option(None, "--plot", help="curves | bar: write a figure to --output"),
     output: Optional[Path] = typer.Option(None, "--output", help="write to this file instead of the terminal"),
     db: Optional[str] = typer.Option(None, "--db"),
 ) -> None:
-    """Comparison tables from the results database."""
+    """Comparison tables and figures from the results database (works while a sweep still runs)."""
     from mmbench.report.aggregate import compare as do_compare
     from mmbench.report.render import FORMATS, render_text, to_rich
     from mmbench.store.db import get_engine
@@ -154,19 +301,37 @@ def report(
         raise UserError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
     if selection not in ("best-val", "last", "oracle-test"):
         raise UserError(f"--selection {selection}: choose best-val, last or oracle-test")
+    if split not in ("test", "val"):
+        raise UserError(f"--split {split}: choose test or val")
+    interval = "ci" if ci else "std"
+    if plot is not None:
+        from mmbench.report import plots
+
+        if plot not in plots.PLOTS:
+            raise UserError(f"--plot {plot}: choose one of {', '.join(plots.PLOTS)}")
+        if output is None:
+            raise UserError(f"--plot {plot} writes an image: pass --output FILE.png")
+        engine = get_engine(db, create=False)
+        if plot == "curves":
+            files = plots.curves(engine, output, sweep, dataset, metric, split)
+        else:
+            files = plots.bar(do_compare(engine, sweep, dataset, selection, metric, split, baseline), output)
+        for f in files:
+            console.print(f"wrote {f}")
+        return
     engine = get_engine(db, create=False)
-    tables = do_compare(engine, sweep, dataset, selection)
+    tables = do_compare(engine, sweep, dataset, selection, metric, split, baseline)
     if fmt == "table" and output is None:
         for t in tables:
-            console.print(to_rich(t))
+            console.print(to_rich(t, interval))
         return
     if fmt == "table":
         text_console = Console(record=True, width=200, file=open(os.devnull, "w"))
         for t in tables:
-            text_console.print(to_rich(t))
+            text_console.print(to_rich(t, interval))
         text = text_console.export_text()
     else:
-        text = render_text(tables, fmt)
+        text = render_text(tables, fmt, interval)
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(text)

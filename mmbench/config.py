@@ -73,6 +73,58 @@ class MetricsCfg(Strict):
     probe_every: int = Field(0, ge=0)  # and every N epochs (0: only at the end)
 
 
+class LauncherCfg(Strict):
+    """Where and how a sweep's runs train. Not part of any run's config: the same run has the same
+    id wherever it trains, so switching launchers resumes instead of retraining."""
+
+    name: Literal["local", "slurm", "local-submitit"] = "local"
+    jobs: int | None = Field(None, ge=1)  # runs at once (local; local-submitit: jobs in flight)
+    gpus: list[int] | None = None  # local: GPU ids to place runs on
+    jobs_per_gpu: int = Field(1, ge=1)
+    partition: str | None = None  # slurm: required
+    time: int | str = 60  # per job: minutes, or a SLURM time string ("2:00:00", "1-12")
+    gpus_per_job: int = Field(1, ge=0)
+    cpus_per_job: int | None = Field(None, ge=1)
+    mem_gb: float | None = Field(None, gt=0)
+    array_parallelism: int = Field(64, ge=1)  # slurm: array tasks running at once
+    sbatch: dict[str, Any] = Field(default_factory=dict)  # extra sbatch options, e.g. {account: abc}
+    setup: list[str] = Field(default_factory=list)  # shell lines run before each job (module load ...)
+    folder: str | None = None  # submitit logs (default <runs dir>/_submitit; must be shared with the nodes)
+
+    @field_validator("time")
+    @classmethod
+    def _minutes(cls, v: int | str) -> int:
+        """SLURM's own time formats, so a value copied from an sbatch script means the same here."""
+        total = v if isinstance(v, int) else _slurm_minutes(v)
+        if total < 1:
+            raise ValueError("time must be at least 1 minute")
+        return total
+
+
+def _slurm_minutes(v: str) -> int:
+    """`M`, `M:S`, `H:M:S`, `D-H`, `D-H:M`, `D-H:M:S` (sbatch --time) -> whole minutes, rounded up."""
+    bad = ValueError(f"time '{v}': expected minutes or a SLURM time (M:S, H:M:S, D-H, D-H:M, D-H:M:S)")
+    days, dash, rest = v.strip().rpartition("-")
+    try:
+        nums = [int(x) for x in rest.split(":")]
+        d = int(days) if dash else 0
+    except ValueError:
+        raise bad from None
+    if dash:
+        if len(nums) > 3:
+            raise bad
+        h, m, sec = (nums + [0, 0])[:3]
+    elif len(nums) == 1:
+        h, m, sec = 0, nums[0], 0
+    elif len(nums) == 2:
+        h, (m, sec) = 0, nums
+    elif len(nums) == 3:
+        h, m, sec = nums
+    else:
+        raise bad
+    return d * 1440 + h * 60 + m + (1 if sec else 0)
+
+
 class Recipe(Strict):
     name: str
     description: str = ""
@@ -83,6 +135,7 @@ class Recipe(Strict):
     methods: list[str | dict[str, Any]] = Field(default_factory=lambda: ["joint"], min_length=1)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     grid: dict[str, list[Any]] = Field(default_factory=dict)
+    launcher: LauncherCfg = LauncherCfg()  # how runs are launched; never part of a run's id
     _source: str = PrivateAttr("recipe")  # the file it came from, for error messages
 
     @field_validator("grid")

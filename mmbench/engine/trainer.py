@@ -61,6 +61,7 @@ class Trainer:
         cls.check(spec, hp)
         t = cfg["train"]
         train = TrainSpec(epochs=t["epochs"], optimizer=t["optimizer"], scheduler=t["scheduler"], precision=t["precision"])
+        cls.check_train(train, hp)
         return cls(spec, hp, train)
 
     def _loader(self, split: Any, train: bool, batch_size: int, seed: int) -> DataLoader:

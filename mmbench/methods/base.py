@@ -158,6 +158,11 @@ class Method(nn.Module):
                 f"method '{cls.name}' cannot serve fusion '{spec.fusion}'; it supports: {', '.join(sorted(cls.fusions))}"
             )
 
+    @classmethod
+    def check_train(cls, train: TrainSpec, hp: HParams) -> None:
+        """Raise UserError if the training settings do not fit the method's parameters (e.g. a staged
+        schedule that must span train.epochs); called before any training, like `check`."""
+
     @property
     def modalities(self) -> list[str]:
         """The modalities this method trains on (a unimodal method uses one)."""

@@ -1,14 +1,18 @@
-"""Results database -> tidy frames -> one comparison table per dataset and protocol.
+"""Results database -> one comparison table per dataset and protocol (numbers only; render.py
+formats them).
 
-A table row is a method together with its distinct non-seed setting (fusion, parameters, grid
-values); its cells are `mean ± std (n seeds)` of a final metric at the chosen selection rule.
-Different datasets or protocols never share a table, so numbers of different pipelines are never
-put side by side.
+A row is a method together with its distinct non-seed setting (fusion, parameters, grid values);
+a cell summarises a final metric over the row's seeds at the chosen selection rule. Different
+datasets or protocols never share a table, so numbers of different pipelines are never put side
+by side. Reports read only the database, so they work while a sweep is still running: a table
+with unfinished runs is marked partial.
 """
 from __future__ import annotations
 
+import fnmatch
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
@@ -16,9 +20,11 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
 from mmbench.errors import UserError
-from mmbench.store.tables import FinalMetric, Run, Sweep, SweepRun
+from mmbench.report.stats import Paired, Summary, paired, summarize
+from mmbench.store.tables import EpochMetric, FinalMetric, Run, Sweep, SweepRun
 
 DEFAULT_METRICS = ("acc", "macro_f1", "acc/*", "imbalance_ratio")
+COST_METRIC = "epoch_seconds"
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -48,25 +54,62 @@ def load_runs(engine: Engine, sweep: str | None = None, dataset: str | None = No
 
 
 def load_finals(engine: Engine, run_ids: list[str], selection: str, split: str = "test") -> pd.DataFrame:
+    ids = set(run_ids)
     with Session(engine) as s:
         q = select(FinalMetric).where(FinalMetric.selection == selection, FinalMetric.split == split)
-        rows = [r.model_dump() for r in s.exec(q).all() if r.run_id in set(run_ids)]
+        rows = [r.model_dump() for r in s.exec(q).all() if r.run_id in ids]
     return pd.DataFrame(rows, columns=["run_id", "split", "name", "selection", "value"])
 
 
-def setting_labels(runs: pd.DataFrame) -> pd.Series:
-    """A short label of each run's non-seed setting: the config keys that differ between runs of
-    the same dataset (method parameters always shown)."""
+def load_epochs(engine: Engine, run_ids: list[str], names: list[str] | None = None) -> pd.DataFrame:
+    """Per-epoch metrics of these runs (all splits), optionally only some metric names."""
+    ids = set(run_ids)
+    with Session(engine) as s:
+        q = select(EpochMetric)
+        if names is not None:
+            q = q.where(EpochMetric.name.in_(names))  # type: ignore[attr-defined]
+        rows = [r.model_dump() for r in s.exec(q).all() if r.run_id in ids]
+    return pd.DataFrame(rows, columns=["run_id", "epoch", "split", "name", "value"])
+
+
+def setting_labels(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per run: `setting`, a short label of its non-seed configuration (the keys that differ
+    between runs; method parameters always shown), and `context`, the same without the method's
+    own parameters (fusion, grid values), which is what a baseline row must share to be paired."""
     flat = [_flatten({k: v for k, v in json.loads(c).items() if k not in ("seed", "schema")}) for c in runs["config_json"]]
     fdf = pd.DataFrame(flat, index=runs.index)
-    varying = [c for c in fdf.columns if fdf[c].astype(str).nunique() > 1
+    # a key absent from some runs (another method's parameter) counts as a difference; pandas'
+    # nunique would drop the missing values, so count distinct representations instead
+    varying = [c for c in fdf.columns if len({repr(v) if pd.notna(v) else None for v in fdf[c]}) > 1
                and not c.startswith(("dataset.", "method.name"))]
-    labels = []
-    for i, row in fdf.iterrows():
-        parts = [f"{c.split('.', 1)[1]}={row[c]}" for c in varying if c.startswith("method.") and pd.notna(row[c])]
-        parts += [f"{c}={row[c]}" for c in varying if not c.startswith("method.") and pd.notna(row[c])]
-        labels.append(", ".join(str(p) for p in parts))
-    return pd.Series(labels, index=runs.index)
+    settings, contexts = [], []
+    for _, row in fdf.iterrows():
+        mparts = [f"{c.split('.', 1)[1]}={row[c]}" for c in varying if c.startswith("method.") and pd.notna(row[c])]
+        cparts = [f"{c}={row[c]}" for c in varying if not c.startswith("method.") and pd.notna(row[c])]
+        settings.append(", ".join(str(p) for p in mparts + cparts))
+        contexts.append(", ".join(str(p) for p in cparts))
+    return pd.DataFrame({"setting": settings, "context": contexts}, index=runs.index)
+
+
+@dataclass
+class Cell:
+    values: dict[int, float]  # seed -> value
+    summary: Summary
+    vs_baseline: Paired | None = None
+
+
+@dataclass
+class Row:
+    method: str
+    setting: str
+    context: str
+    label: str  # method with its parameters, e.g. "ogm_ge(alpha=0.8)"
+    n_runs: int
+    n_done: int
+    cells: dict[str, Cell] = field(default_factory=dict)
+    epoch_seconds: float | None = None  # mean training wall time per epoch
+    rel_cost: float | None = None  # epoch_seconds / the reference row's
+    is_baseline: bool = False
 
 
 @dataclass
@@ -74,20 +117,38 @@ class ComparisonTable:
     dataset: str
     protocol: str
     selection: str
+    split: str
     columns: list[str]
-    frame: pd.DataFrame  # index: (method, setting); columns: metric -> cell string; plus raw stats
-    stats: dict[tuple[str, str, str], tuple[float, float, int]]  # (method, setting, metric) -> mean, std, n
+    rows: list[Row]
     partial: bool  # some runs of the table are not finished
+    baseline: str | None = None  # what rows are compared to (method or label), if asked
+    cost_reference: str | None = None  # the row rel_cost divides by (baseline, else joint)
+
+    @property
+    def has_cost(self) -> bool:
+        return any(r.rel_cost is not None for r in self.rows)
 
 
-def _expand_metrics(patterns: tuple[str, ...] | list[str], names: list[str]) -> list[str]:
+def expand_metrics(patterns: tuple[str, ...] | list[str], names: list[str]) -> list[str]:
+    """Metric patterns (`acc`, `acc/*`, shell-style wildcards) -> the matching names, in order."""
     out: list[str] = []
     for p in patterns:
-        if p.endswith("/*"):
-            out += sorted(n for n in names if n.startswith(p[:-1]) and n not in out)
-        elif p not in out:
-            out.append(p)
+        hits = sorted(fnmatch.filter(names, p)) if any(ch in p for ch in "*?[") else ([p] if p in names else [])
+        out += [h for h in hits if h not in out]
     return out
+
+
+def _matching(rows: list[Row], ref: str) -> list[Row]:
+    return [r for r in rows if r.method == ref or r.label == ref]
+
+
+def _reference(row: Row, refs: list[Row]) -> Row | None:
+    """The reference row that shares this row's context (fusion, grid values); the only one if
+    there is just one."""
+    same = [r for r in refs if r.context == row.context]
+    if len(same) == 1:
+        return same[0]
+    return refs[0] if len(refs) == 1 else None
 
 
 def compare(
@@ -95,51 +156,110 @@ def compare(
     sweep: str | None = None,
     dataset: str | None = None,
     selection: str = "best-val",
-    metrics: tuple[str, ...] | list[str] = DEFAULT_METRICS,
+    metrics: tuple[str, ...] | list[str] | None = None,
     split: str = "test",
+    baseline: str | None = None,
 ) -> list[ComparisonTable]:
     runs = load_runs(engine, sweep, dataset)
     if runs.empty:
         where = " ".join(x for x in (f"sweep '{sweep}'" if sweep else "", f"dataset '{dataset}'" if dataset else "") if x)
         raise UserError(f"no runs{(' for ' + where) if where else ''} in the database; run `mmbench sweep RECIPE` first")
-    runs = runs.copy()
-    runs["setting"] = setting_labels(runs)
-    tables = []
+    runs = pd.concat([runs, setting_labels(runs)], axis=1)
+    patterns = list(metrics) if metrics else list(DEFAULT_METRICS)
+    tables: list[ComparisonTable] = []
+    seen_names: set[str] = set()
     for (ds, proto), grp in runs.groupby(["dataset", "protocol"], sort=True):
         done = grp[grp["status"] == "completed"]
         finals = load_finals(engine, list(done["id"]), selection, split)
         if finals.empty:
             continue
         names = sorted(finals["name"].unique())
-        cols = [c for c in _expand_metrics(metrics, names) if c in names]
-        merged = finals.merge(done[["id", "method", "setting", "seed"]], left_on="run_id", right_on="id")
-        stats: dict[tuple[str, str, str], tuple[float, float, int]] = {}
-        cells: dict[tuple[str, str], dict[str, str]] = {}
-        order = list(dict.fromkeys(zip(grp["method"], grp["setting"])))
-        for (meth, sett), g in merged.groupby(["method", "setting"], sort=False):
-            row = cells.setdefault((meth, sett), {})
+        seen_names |= set(names)
+        cols = expand_metrics(patterns, names)
+        if not cols:
+            continue
+        merged = finals.merge(done[["id", "seed"]], left_on="run_id", right_on="id")
+        cost = _epoch_seconds(engine, list(done["id"]))
+        rows: list[Row] = []
+        for (meth, sett), g in grp.groupby(["method", "setting"], sort=False):
+            gdone = g[g["status"] == "completed"]
+            if gdone.empty:
+                continue
+            row = Row(str(meth), str(sett), str(g["context"].iloc[0]), str(g["label"].iloc[0] or meth), len(g), len(gdone))
+            mine = merged[merged["run_id"].isin(set(gdone["id"]))]
             for c in cols:
-                v = g.loc[g["name"] == c, "value"].dropna()
-                if len(v) == 0:
-                    row[c] = "–"
-                    continue
-                mean, std, n = float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0, int(len(v))
-                stats[(meth, sett, c)] = (mean, std, n)
-                row[c] = format_cell(c, mean, std, n)
-        idx = [k for k in order if k in cells]
-        frame = pd.DataFrame([cells[k] for k in idx], index=pd.MultiIndex.from_tuples(idx, names=["method", "setting"]), columns=cols)
-        tables.append(ComparisonTable(str(ds), str(proto), selection, cols, frame.fillna("–"), stats,
-                                      partial=bool((grp["status"] != "completed").any())))
+                v = mine[(mine["name"] == c) & mine["value"].notna()]
+                values = {int(s): float(x) for s, x in zip(v["seed"], v["value"])}
+                if values:
+                    row.cells[c] = Cell(values, summarize(list(values.values())))
+            secs = [cost[r] for r in gdone["id"] if r in cost]
+            row.epoch_seconds = sum(secs) / len(secs) if secs else None
+            rows.append(row)
+        if not rows:
+            continue
+        t = ComparisonTable(str(ds), str(proto), selection, split, cols, rows,
+                            partial=bool((grp["status"] != "completed").any()), baseline=baseline)
+        _compare_to_baseline(t, baseline)
+        _relative_cost(t, baseline)
+        tables.append(t)
+    unmatched = [p for p in (metrics or []) if not expand_metrics([p], sorted(seen_names))]
+    if unmatched and seen_names:
+        raise UserError(f"--metric {', '.join(unmatched)}: matches no {split} metric of these runs; "
+                        f"available: {', '.join(sorted(seen_names))}")
     if not tables:
         raise UserError(f"no completed runs with '{selection}' results match; check `mmbench runs` or the filters")
+    if baseline is not None and not any(_matching(t.rows, baseline) for t in tables):
+        known = sorted({r.method for t in tables for r in t.rows} | {r.label for t in tables for r in t.rows})
+        raise UserError(f"--baseline {baseline}: no completed runs of it in this report; choose one of: {', '.join(known)}")
     return tables
+
+
+def _epoch_seconds(engine: Engine, run_ids: list[str]) -> dict[str, float]:
+    """Each run's mean training wall time per epoch (train split's `epoch_seconds`)."""
+    ep = load_epochs(engine, run_ids, [COST_METRIC])
+    ep = ep[(ep["split"] == "train") & ep["value"].notna()]
+    return {str(k): float(v) for k, v in ep.groupby("run_id")["value"].mean().items()}
+
+
+def _compare_to_baseline(t: ComparisonTable, baseline: str | None) -> None:
+    if baseline is None:
+        return
+    refs = _matching(t.rows, baseline)
+    for r in refs:
+        r.is_baseline = True
+    for row in t.rows:
+        ref = _reference(row, refs)
+        if ref is None or ref is row:
+            continue
+        for c, cell in row.cells.items():
+            if c in ref.cells:
+                cell.vs_baseline = paired(cell.values, ref.cells[c].values)
+
+
+def _relative_cost(t: ComparisonTable, baseline: str | None) -> None:
+    """Training time per epoch relative to the baseline's (or joint training's when no baseline)."""
+    ref_name = baseline if baseline is not None else "joint"
+    refs = [r for r in _matching(t.rows, ref_name) if r.epoch_seconds]
+    if not refs:
+        return
+    t.cost_reference = ref_name
+    for row in t.rows:
+        ref = _reference(row, refs)
+        if ref is not None and ref.epoch_seconds and row.epoch_seconds is not None:
+            row.rel_cost = row.epoch_seconds / ref.epoch_seconds
 
 
 def is_percent(metric: str) -> bool:
     return metric.split("/")[0] in ("acc", "macro_f1", "acc_split", "probe_acc")
 
 
-def format_cell(metric: str, mean: float, std: float, n: int) -> str:
-    if is_percent(metric):
-        return f"{100 * mean:.2f} ± {100 * std:.2f} ({n})"
-    return f"{mean:.3f} ± {std:.3f} ({n})"
+def scale(metric: str) -> float:
+    return 100.0 if is_percent(metric) else 1.0
+
+
+def decimals(metric: str) -> int:
+    return 2 if is_percent(metric) else 3
+
+
+def nan_to_none(x: float | None) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x

@@ -1,85 +1,253 @@
-"""Render comparison tables: rich (terminal), markdown, csv, latex."""
+"""Render comparison tables: rich (terminal), markdown, csv, LaTeX (booktabs, for a paper), HTML.
+
+Every format carries the same facts: mean ± spread over seeds (std, or the 95 % CI half-width with
+--ci), the seed count, the best value per column in bold, the paired difference to the baseline
+with its significance markers, the relative training cost, and what the numbers are (split,
+selection rule, oracle and partial warnings) in the title and legend, so a table copied out of
+context still says what it shows.
+"""
 from __future__ import annotations
 
+import html
 import io
+import math
 
 from rich.table import Table
 
-from mmbench.report.aggregate import ComparisonTable, is_percent
+from mmbench.report.aggregate import ComparisonTable, Row, decimals, is_percent, scale
+from mmbench.report.stats import T_MARK, W_MARK, Summary, best
 
-FORMATS = ("table", "markdown", "csv", "latex")
+FORMATS = ("table", "markdown", "csv", "latex", "html")
+INTERVALS = ("std", "ci")
 
 
 def title(t: ComparisonTable) -> str:
     sel = t.selection + (" (ORACLE: selected on test)" if t.selection == "oracle-test" else "")
     part = " — PARTIAL: some runs unfinished" if t.partial else ""
-    return f"{t.dataset} / protocol {t.protocol} — test split, selection {sel}{part}"
+    return f"{t.dataset} / protocol {t.protocol} — {t.split} split, selection {sel}{part}"
+
+
+def legend(t: ComparisonTable, interval: str = "std", with_n: bool = True) -> str:
+    spread = "95 % confidence interval (t, over seeds)" if interval == "ci" else "standard deviation over seeds"
+    if with_n:
+        n = "n: seeds (completed/planned when unfinished)"
+    else:  # no n column (a paper table): say how many seeds in the caption
+        seeds = [r.cells[c].summary.n for r in t.rows for c in r.cells] or [0]
+        lo, hi = min(seeds), max(seeds)
+        n = f"{lo} seeds" if lo == hi else f"{lo}-{hi} seeds"
+    parts = [f"mean ± {spread}; {n}; best per column in bold"]
+    if t.baseline:
+        parts.append(f"(Δ): difference to {t.baseline} paired by seed, {T_MARK} paired t-test p < 0.05, "
+                     f"{W_MARK} Wilcoxon signed-rank p < 0.05")
+    if t.has_cost:
+        parts.append(f"cost: training time per epoch relative to {t.cost_reference}")
+    return "; ".join(parts)
 
 
 def header(metric: str) -> str:
     return metric + (" (%)" if is_percent(metric) else "")
 
 
-def to_rich(t: ComparisonTable) -> Table:
-    tab = Table(title=title(t), title_justify="left")
+def _num(metric: str, x: float, signed: bool = False) -> str:
+    if x is None or math.isnan(x):
+        return "–"
+    return f"{scale(metric) * x:{'+' if signed else ''}.{decimals(metric)}f}"
+
+
+def spread(s: Summary, interval: str) -> float:
+    """nan (nothing shown) for a single seed: its std of 0 would claim a certainty it has not."""
+    if s.n < 2:
+        return math.nan
+    return s.ci if interval == "ci" else s.std
+
+
+def best_rows(t: ComparisonTable, metric: str) -> set[int]:
+    means = [r.cells[metric].summary.mean if metric in r.cells else math.nan for r in t.rows]
+    return best([scale(metric) * m for m in means], metric, decimals(metric))
+
+
+def cell_parts(row: Row, metric: str, interval: str) -> tuple[str, str]:
+    """(value ± spread, difference to the baseline with markers) as plain text."""
+    c = row.cells.get(metric)
+    if c is None:
+        return "–", ""
+    sp = spread(c.summary, interval)
+    main = _num(metric, c.summary.mean) + ("" if math.isnan(sp) else f" ± {_num(metric, sp)}")
+    p = c.vs_baseline
+    diff = f"({_num(metric, p.diff, signed=True)}{p.marker})" if p is not None else ""
+    return main, diff
+
+
+def n_text(row: Row) -> str:
+    return str(row.n_done) if row.n_done == row.n_runs else f"{row.n_done}/{row.n_runs}"
+
+
+def cost_text(row: Row) -> str:
+    return "–" if row.rel_cost is None else f"{row.rel_cost:.2f}×"
+
+
+def _label(row: Row) -> str:
+    return row.method + (" (baseline)" if row.is_baseline else "")
+
+
+def to_rich(t: ComparisonTable, interval: str = "std") -> Table:
+    tab = Table(title=title(t), title_justify="left", caption=legend(t, interval), caption_justify="left")
     tab.add_column("method", style="bold")
     tab.add_column("setting")
+    tab.add_column("n", justify="right")
     for c in t.columns:
         tab.add_column(header(c), justify="right")
-    for (meth, sett), row in t.frame.iterrows():
-        tab.add_row(str(meth), str(sett), *[str(row[c]) for c in t.columns])
+    if t.has_cost:
+        tab.add_column("cost", justify="right")
+    bests = {c: best_rows(t, c) for c in t.columns}
+    for i, row in enumerate(t.rows):
+        cells = []
+        for c in t.columns:
+            main, diff = cell_parts(row, c, interval)
+            text = f"[bold green]{main}[/bold green]" if i in bests[c] else main
+            cells.append(text + (f" {diff}" if diff else ""))
+        tab.add_row(_label(row), row.setting, n_text(row), *cells, *([cost_text(row)] if t.has_cost else []))
     return tab
 
 
-def to_markdown(t: ComparisonTable) -> str:
-    cols = ["method", "setting", *[header(c) for c in t.columns]]
-    lines = [f"### {title(t)}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for (meth, sett), row in t.frame.iterrows():
-        lines.append("| " + " | ".join([str(meth), str(sett), *[str(row[c]) for c in t.columns]]) + " |")
-    return "\n".join(lines) + "\n"
+def to_markdown(t: ComparisonTable, interval: str = "std") -> str:
+    cols = ["method", "setting", "n", *[header(c) for c in t.columns]] + (["cost"] if t.has_cost else [])
+    lines = [f"### {title(t)}", "", "| " + " | ".join(cols) + " |",
+             "|" + "|".join("---" if i < 2 else "---:" for i in range(len(cols))) + "|"]
+    bests = {c: best_rows(t, c) for c in t.columns}
+    for i, row in enumerate(t.rows):
+        cells = []
+        for c in t.columns:
+            main, diff = cell_parts(row, c, interval)
+            cells.append((f"**{main}**" if i in bests[c] else main) + (f" {diff}" if diff else ""))
+        extra = [cost_text(row)] if t.has_cost else []
+        lines.append("| " + " | ".join([_label(row), row.setting, n_text(row), *cells, *extra]) + " |")
+    return "\n".join(lines + ["", f"_{legend(t, interval)}_", ""]) + "\n"
+
+
+def _g(x: float | None) -> str:
+    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.6g}"
 
 
 def to_csv(tables: list[ComparisonTable]) -> str:
+    """Long format, raw (unscaled) values: one line per table row and metric. The first nine
+    columns keep their original order, so scripts reading them by position still work."""
     buf = io.StringIO()
-    buf.write("dataset,protocol,selection,method,setting,metric,mean,std,n\n")
+    buf.write("dataset,protocol,selection,method,setting,metric,mean,std,n,split,label,ci95_low,ci95_high,"
+              "baseline,diff,p_ttest,p_wilcoxon,best,epoch_seconds,rel_cost\n")
+
+    def q(s: str) -> str:
+        return '"' + s.replace('"', '""') + '"'
+
     for t in tables:
-        for (meth, sett, metric), (mean, std, n) in t.stats.items():
-            sett_q = '"' + sett.replace('"', '""') + '"'
-            buf.write(f"{t.dataset},{t.protocol},{t.selection},{meth},{sett_q},{metric},{mean:.6g},{std:.6g},{n}\n")
+        bests = {c: best_rows(t, c) for c in t.columns}
+        for i, row in enumerate(t.rows):
+            for c in t.columns:
+                cell = row.cells.get(c)
+                if cell is None:
+                    continue
+                s, p = cell.summary, cell.vs_baseline
+                buf.write(",".join([
+                    q(t.dataset), q(t.protocol), t.selection, q(row.method), q(row.setting), q(c),
+                    _g(s.mean), _g(s.std), str(s.n), t.split, q(row.label), _g(s.ci_low), _g(s.ci_high),
+                    q(t.baseline or ""), _g(p.diff if p else None), _g(p.p_ttest if p else None),
+                    _g(p.p_wilcoxon if p else None), "1" if i in bests[c] else "0", _g(row.epoch_seconds),
+                    _g(row.rel_cost),
+                ]) + "\n")
     return buf.getvalue()
 
 
 def _tex(s: str) -> str:
-    return s.replace("\\", r"\textbackslash{}").replace("_", r"\_").replace("%", r"\%").replace("&", r"\&").replace("#", r"\#")
+    out = s.replace("\\", r"\textbackslash{}")
+    for a, b in (("_", r"\_"), ("%", r"\%"), ("&", r"\&"), ("#", r"\#"), ("$", r"\$"), ("{", r"\{"), ("}", r"\}"),
+                 ("~", r"\textasciitilde{}"), ("^", r"\textasciicircum{}"), ("±", r"$\pm$"), ("×", r"$\times$"),
+                 ("—", "---"), ("Δ", r"$\Delta$"), ("†", r"$^\dagger$"), ("<", r"$<$")):
+        out = out.replace(a, b)
+    return out
 
 
-def to_latex(t: ComparisonTable) -> str:
+def to_latex(t: ComparisonTable, interval: str = "std") -> str:
+    """A booktabs table ready for a paper: best in bold, mean $\\pm$ spread, Δ to the baseline with
+    significance as superscripts; needs \\usepackage{booktabs}."""
     cols = t.columns
+    extra = 1 if t.has_cost else 0
+    spec = "ll" + "r" * (len(cols) + extra)
+    head = ["Method", "Setting", *[_tex(header(c)) for c in cols]] + (["Cost"] if t.has_cost else [])
     lines = [
-        r"\begin{table}[t]", r"\centering", rf"\caption{{{_tex(title(t))}}}",
-        r"\begin{tabular}{ll" + "r" * len(cols) + "}", r"\toprule",
-        "Method & Setting & " + " & ".join(_tex(header(c)) for c in cols) + r" \\", r"\midrule",
+        "% requires \\usepackage{booktabs}",
+        r"\begin{table}[t]", r"\centering", r"\small",
+        rf"\caption{{{_tex(title(t))}. {_tex(legend(t, interval, with_n=False))}.}}",
+        rf"\begin{{tabular}}{{{spec}}}", r"\toprule", " & ".join(head) + r" \\", r"\midrule",
     ]
-    for (meth, sett, ), row in t.frame.iterrows():
+    bests = {c: best_rows(t, c) for c in cols}
+    for i, row in enumerate(t.rows):
         cells = []
         for c in cols:
-            st = t.stats.get((meth, sett, c))
-            if st is None:
+            cell = row.cells.get(c)
+            if cell is None:
                 cells.append("--")
                 continue
-            mean, std, n = st
-            k = 100 if is_percent(c) else 1
-            cells.append(f"{k * mean:.2f} $\\pm$ {k * std:.2f}")
-        lines.append(f"{_tex(str(meth))} & {_tex(str(sett))} & " + " & ".join(cells) + r" \\")
+            sp = spread(cell.summary, interval)
+            mean = _num(c, cell.summary.mean)
+            val = rf"\textbf{{{mean}}}" if i in bests[c] else mean
+            if not math.isnan(sp):
+                val += rf" $\pm$ {_num(c, sp)}"
+            p = cell.vs_baseline
+            if p is not None:
+                marks = p.marker.replace(T_MARK, "*").replace(W_MARK, r"\dagger")
+                val += rf" {{\scriptsize ({_num(c, p.diff, signed=True)}{('$^{' + marks + '}$') if marks else ''})}}"
+            cells.append(val)
+        if t.has_cost:
+            cells.append("--" if row.rel_cost is None else f"{row.rel_cost:.2f}$\\times$")
+        lines.append(f"{_tex(_label(row))} & {_tex(row.setting)} & " + " & ".join(cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
     return "\n".join(lines) + "\n"
 
 
-def render_text(tables: list[ComparisonTable], fmt: str) -> str:
+HTML_STYLE = """body{font-family:system-ui,sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}
+th,td{padding:.3em .7em;border-bottom:1px solid #ddd;text-align:right}th{border-bottom:2px solid #333}
+td.l,th.l{text-align:left}caption{text-align:left;font-weight:600;margin-bottom:.4em}.d{color:#555;font-size:.9em}
+p.note{color:#555;font-size:.9em;max-width:60em}.partial{color:#b00}"""
+
+
+def to_html(tables: list[ComparisonTable], interval: str = "std") -> str:
+    e = html.escape
+    out = ["<!DOCTYPE html>", '<html><head><meta charset="utf-8"><title>mmbench report</title>',
+           f"<style>{HTML_STYLE}</style></head><body>"]
+    for t in tables:
+        cap = e(title(t))
+        if t.partial:
+            cap = cap.replace("PARTIAL", '<span class="partial">PARTIAL</span>')
+        out.append(f"<table><caption>{cap}</caption><thead><tr>")
+        heads = ["method", "setting", "n", *[header(c) for c in t.columns]] + (["cost"] if t.has_cost else [])
+        out.append("".join(f'<th class="{"l" if i < 2 else ""}">{e(h)}</th>' for i, h in enumerate(heads)))
+        out.append("</tr></thead><tbody>")
+        bests = {c: best_rows(t, c) for c in t.columns}
+        for i, row in enumerate(t.rows):
+            tds = [f'<td class="l">{e(_label(row))}</td>', f'<td class="l">{e(row.setting)}</td>', f"<td>{n_text(row)}</td>"]
+            for c in t.columns:
+                main, diff = cell_parts(row, c, interval)
+                cell = row.cells.get(c)
+                tip = ""
+                if cell is not None and cell.summary.n > 1:
+                    tip = f' title="95% CI [{_num(c, cell.summary.ci_low)}, {_num(c, cell.summary.ci_high)}]"'
+                val = f"<b>{e(main)}</b>" if i in bests[c] else e(main)
+                tds.append(f"<td{tip}>{val}" + (f' <span class="d">{e(diff)}</span>' if diff else "") + "</td>")
+            if t.has_cost:
+                tds.append(f"<td>{e(cost_text(row))}</td>")
+            out.append("<tr>" + "".join(tds) + "</tr>")
+        out.append(f'</tbody></table><p class="note">{e(legend(t, interval))}</p>')
+    out.append("</body></html>")
+    return "\n".join(out) + "\n"
+
+
+def render_text(tables: list[ComparisonTable], fmt: str, interval: str = "std") -> str:
     if fmt == "markdown":
-        return "\n".join(to_markdown(t) for t in tables)
+        return "\n".join(to_markdown(t, interval) for t in tables)
     if fmt == "csv":
         return to_csv(tables)
     if fmt == "latex":
-        return "\n".join(to_latex(t) for t in tables)
+        return "\n".join(to_latex(t, interval) for t in tables)
+    if fmt == "html":
+        return to_html(tables, interval)
     raise ValueError(fmt)

@@ -1,13 +1,24 @@
 """Engine setup and the writes the sweep makes. SQLite by default (WAL, busy timeout), any
-SQLAlchemy URL via --db / MMBENCH_DB. Every write is one transaction."""
+SQLAlchemy URL via --db / MMBENCH_DB. Every write is one transaction.
+
+Concurrency: in a sweep only the driver process writes (workers and cluster jobs write their run
+directories only). Several drivers, or a driver and `mmbench ingest`, may still share one SQLite
+file, so every write transaction (a) starts with BEGIN IMMEDIATE, taking the write lock up front:
+a deferred transaction that reads and then writes can fail with "database is locked" at once,
+without waiting, when another writer committed in between (the busy timeout cannot help there);
+and (b) is retried with exponential backoff while the file stays locked beyond the busy timeout."""
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
+import random
+import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
@@ -18,6 +29,43 @@ from mmbench.errors import UserError
 from mmbench.store.tables import EpochMetric, FinalMetric, Run, Sweep, SweepRun
 
 _ENGINES: dict[str, Engine] = {}
+RETRY_SECONDS = 300.0  # give up on a locked database after this long (busy timeout included)
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _transient(e: BaseException) -> bool:
+    msg = str(getattr(e, "orig", None) or e).lower()
+    return isinstance(e, OperationalError) and any(
+        w in msg for w in ("database is locked", "database table is locked", "busy", "already exists"))
+
+
+def retrying(fn: _F) -> _F:
+    """Retry a whole transaction while SQLite reports the file locked (or a concurrent process
+    created the tables first), with jittered exponential backoff up to RETRY_SECONDS."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        delay, deadline = 0.05, time.monotonic() + RETRY_SECONDS
+        while True:
+            try:
+                return fn(*args, **kwargs)
+            except OperationalError as e:
+                if not _transient(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(delay * (1 + random.random()))
+                delay = min(2 * delay, 2.0)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@contextmanager
+def writing(engine: Engine) -> Iterator[Session]:
+    """A session whose transaction holds SQLite's write lock from its first statement."""
+    with Session(engine) as s:
+        if engine.dialect.name == "sqlite":
+            s.connection().exec_driver_sql("BEGIN IMMEDIATE")
+        yield s
+        s.commit()
 
 
 def default_db_url() -> str:
@@ -28,37 +76,69 @@ def now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def _check_sqlite_path(url: str, create: bool) -> None:
+    path = Path(url[len("sqlite:///"):])
+    if str(path) in ("", ":memory:"):
+        return
+    parent = path.expanduser().resolve().parent
+    if not parent.is_dir():
+        raise UserError(f"database {url}: folder {parent} does not exist; create it or pass another --db")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UserError(f"database {url}: {path} is not writable; pass a writable --db path or set MMBENCH_DB")
+    if not create and not path.exists():
+        raise UserError(f"database {url} does not exist yet; run a sweep first or pass --db")
+
+
+def _server_engine(url: str) -> Engine:
+    try:
+        return create_engine(url, pool_pre_ping=True)
+    except ModuleNotFoundError as e:
+        raise UserError(f"database URL '{url}' needs the Python driver '{e.name}', which is not installed; "
+                        f"pip install it, or use a SQLite URL (sqlite:///results.db)") from None
+    except Exception as e:  # noqa: BLE001 - bad URL formats raise several types
+        raise UserError(f"database URL '{url}' is not usable: {e}") from None
+
+
+def check_url(url: str | None = None) -> None:
+    """Fail early, writing nothing, when the database cannot be used: an SQLite path that cannot be
+    created, a missing driver, a server that does not answer."""
+    url = url or default_db_url()
+    if url in _ENGINES:
+        return
+    if url.startswith("sqlite:///"):
+        _check_sqlite_path(url, create=True)
+        return
+    engine = _server_engine(url)
+    try:
+        with engine.connect():
+            pass
+    except SQLAlchemyError as e:
+        raise UserError(f"cannot reach database {url}: {e.__class__.__name__}: {str(e).splitlines()[0]}; "
+                        "check the URL and that the server is up, or pass another --db") from None
+    finally:
+        engine.dispose()
+
+
 def get_engine(url: str | None = None, create: bool = True) -> Engine:
     """Open (and create the tables of) a results database; a bad URL or path is a UserError."""
     url = url or default_db_url()
     if url in _ENGINES:
         return _ENGINES[url]
     if url.startswith("sqlite:///"):
-        path = Path(url[len("sqlite:///"):])
-        if str(path) not in ("", ":memory:"):
-            parent = path.expanduser().resolve().parent
-            if not parent.is_dir():
-                raise UserError(f"database {url}: folder {parent} does not exist; create it or pass another --db")
-            if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-                raise UserError(f"database {url}: {path} is not writable; pass a writable --db path or set MMBENCH_DB")
-            if not create and not path.exists():
-                raise UserError(f"database {url} does not exist yet; run a sweep first or pass --db")
+        _check_sqlite_path(url, create)
         engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn: Any, _rec: Any) -> None:  # pragma: no cover - trivial
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA busy_timeout=60000")
+            cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.close()
     else:
-        try:
-            engine = create_engine(url, pool_pre_ping=True)
-        except Exception as e:  # noqa: BLE001 - bad URL formats raise several types
-            raise UserError(f"database URL '{url}' is not usable: {e}") from None
+        engine = _server_engine(url)
     try:
-        SQLModel.metadata.create_all(engine)
+        retrying(SQLModel.metadata.create_all)(engine)
     except (OperationalError, SQLAlchemyError) as e:
         raise UserError(f"cannot open database {url}: {e.__class__.__name__}: {str(e).splitlines()[0]}") from None
     _ENGINES[url] = engine
@@ -72,22 +152,23 @@ def _clean(v: float | None) -> float | None:
     return None if math.isnan(v) else v
 
 
+@retrying
 def upsert_sweep(engine: Engine, sweep: Sweep) -> None:
-    with Session(engine) as s:
+    with writing(engine) as s:
         if s.get(Sweep, sweep.id) is None:
-            s.add(sweep)
-            s.commit()
+            s.add(Sweep.model_validate(sweep.model_dump()))
 
 
+@retrying
 def register_runs(engine: Engine, sweep_id: str | None, runs: Iterable[Run]) -> None:
     """Insert pending runs that are new and link them to the sweep; existing rows are kept."""
-    with Session(engine) as s:
+    runs = list(runs)
+    with writing(engine) as s:
         for r in runs:
             if s.get(Run, r.id) is None:
-                s.add(r)
+                s.add(Run.model_validate(r.model_dump()))  # a copy: a retried transaction re-adds it
             if sweep_id is not None and s.get(SweepRun, (sweep_id, r.id)) is None:
                 s.add(SweepRun(sweep_id=sweep_id, run_id=r.id))
-        s.commit()
 
 
 def get_run(engine: Engine, rid: str) -> Run | None:
@@ -95,8 +176,9 @@ def get_run(engine: Engine, rid: str) -> Run | None:
         return s.get(Run, rid)
 
 
+@retrying
 def set_status(engine: Engine, rid: str, status: str, **fields: Any) -> None:
-    with Session(engine) as s:
+    with writing(engine) as s:
         r = s.get(Run, rid)
         if r is None:
             return
@@ -104,9 +186,9 @@ def set_status(engine: Engine, rid: str, status: str, **fields: Any) -> None:
         for k, v in fields.items():
             setattr(r, k, v)
         s.add(r)
-        s.commit()
 
 
+@retrying
 def write_results(
     engine: Engine,
     rid: str,
@@ -117,7 +199,7 @@ def write_results(
 ) -> None:
     """Replace a run's metrics with `history` (per epoch: {"epoch", "metrics": {split: {name: v}}})
     and `finals` ({selection: {split: {name: v}}}) and set its fields, in one transaction."""
-    with Session(engine) as s:
+    with writing(engine) as s:
         s.exec(delete(EpochMetric).where(EpochMetric.run_id == rid))  # type: ignore[arg-type]
         s.exec(delete(FinalMetric).where(FinalMetric.run_id == rid))  # type: ignore[arg-type]
         for h in history:
@@ -134,7 +216,6 @@ def write_results(
             for k, v in run_fields.items():
                 setattr(r, k, v)
             s.add(r)
-        s.commit()
 
 
 def runs_of(engine: Engine, sweep: str | None = None, dataset: str | None = None, status: str | None = None) -> list[Run]:

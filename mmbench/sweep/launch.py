@@ -1,7 +1,9 @@
-"""Run a sweep's planned runs: skip completed ones, resume interrupted ones, go on past failures.
+"""Run a sweep: plan, check, register, then hand the runs to a launcher through the driver.
 
-Everything that can be checked is checked before the first run trains (recipe, data prepared,
-method/fusion compatibility, database writable), so bad input costs nothing and writes nothing.
+Everything that can be checked is checked before the first run trains or is submitted (recipe,
+launcher options, GPUs, database reachable and writable, data prepared, method/fusion
+compatibility), so bad input costs nothing and writes nothing. Completed runs are skipped,
+interrupted ones resume, failed ones are retried, and a run's failure never stops the others.
 """
 from __future__ import annotations
 
@@ -11,20 +13,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
+from pydantic import ValidationError
+from sqlalchemy.exc import SQLAlchemyError
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mmbench import __version__
-from mmbench.config import describe_run, load_recipe
+from mmbench.config import LauncherCfg, describe_run, load_recipe
 from mmbench.data.store import is_prepared, load_meta
 from mmbench.engine.device import pick_device
-from mmbench.engine.run import execute, ingest_run_dir, load_summary, run_dir_for, run_row
+from mmbench.engine.run import run_dir_for, run_row
 from mmbench.env import git_sha
 from mmbench.errors import UserError
-from mmbench.methods.base import METHODS, ModelSpec
+from mmbench.methods.base import METHODS, ModelSpec, TrainSpec
 from mmbench.store import db
 from mmbench.store.tables import Sweep
+from mmbench.sweep import rundir
+from mmbench.sweep.driver import Driver, TaskDefaults
+from mmbench.sweep.launcher import Launcher
 from mmbench.sweep.plan import PlannedRun, plan, sweep_id
 
 
@@ -42,7 +47,9 @@ class SweepOptions:
     device: str | None = None
     workers: int = 0
     dry_run: bool = False
-    max_runs: int | None = None  # train exactly this many at most (`mmbench train` uses 1)
+    max_runs: int | None = None  # train at most this many requested runs, with their dependencies (`train`: 1)
+    launcher: dict[str, Any] = field(default_factory=dict)  # command-line launcher options, over the recipe's
+    wait: bool = True  # False: submit what can go now and return (submitit launchers)
 
 
 @dataclass
@@ -50,8 +57,12 @@ class SweepOutcome:
     planned: list[PlannedRun]
     completed: int = 0
     skipped: int = 0
-    failed: list[tuple[str, str]] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (label, error)
     sweep_name: str = ""
+    launcher: str = "local"
+    in_flight: int = 0  # still queued or training (after --no-wait)
+    waiting: int = 0  # not submitted yet: their dependencies have not finished (after --no-wait)
+    db_errors: list[tuple[str, str]] = field(default_factory=list)  # (run id, error): results only in run dirs
 
 
 def ensure_data(runs: list[PlannedRun], data_dir: str | None, console: Console | None) -> None:
@@ -79,86 +90,92 @@ def check_methods(runs: list[PlannedRun], data_dir: str | None) -> None:
         cls = METHODS.get(c["method"]["name"])
         hp = cls.HParams.model_validate({k: v for k, v in c["method"].items() if k != "name"})
         cls.check(spec, hp)
+        t = c["train"]
+        cls.check_train(TrainSpec(t["epochs"], t["optimizer"], t["scheduler"], t["precision"]), hp)
+
+
+def resolve_launcher(recipe_cfg: LauncherCfg, overrides: dict[str, Any], where: str) -> LauncherCfg:
+    """The recipe's `launcher:` section with the command line's options on top (sbatch options merge)."""
+    merged = recipe_cfg.model_dump()
+    for k, v in overrides.items():
+        if v is not None:
+            merged[k] = {**merged.get("sbatch", {}), **v} if k == "sbatch" else v
+    try:
+        return LauncherCfg.model_validate(merged)
+    except ValidationError as e:
+        lines = [f"{where}: invalid launcher options"]
+        for err in e.errors():
+            loc = "launcher." + ".".join(str(x) for x in err["loc"])
+            lines.append(f"  - {loc}: {err['msg']}; got {err.get('input')!r}")
+        raise UserError("\n".join(lines)) from None
+
+
+def build_launcher(cfg: LauncherCfg, opts: SweepOptions, runs_dir: Path, sweep_name: str) -> Launcher:
+    if cfg.name == "local":
+        from mmbench.sweep.local import make_local
+
+        if not opts.wait:
+            raise UserError("--no-wait needs a launcher whose jobs outlive this command: --launcher slurm or local-submitit")
+        device = "auto" if cfg.gpus else str(pick_device(opts.device))
+        return make_local(cfg, device)
+    from mmbench.sweep.slurm import SubmititLauncher
+
+    if cfg.gpus:
+        raise UserError(f"--gpus places local runs; with --launcher {cfg.name} use --gpus-per-job instead")
+    folder = Path(cfg.folder) if cfg.folder else runs_dir / "_submitit"
+    return SubmititLauncher(cfg, folder.resolve(), f"mmbench-{sweep_name}", opts.device or "auto")
+
+
+def with_dependencies(runs: list[PlannedRun], chosen: list[PlannedRun]) -> list[PlannedRun]:
+    """`chosen` and the runs they depend on, in plan order (dependencies first)."""
+    want = {r.id for r in chosen}
+    want |= {d for r in chosen for d in r.deps.values()}
+    return [r for r in runs if r.id in want]
 
 
 def run_sweep(opts: SweepOptions, console: Console | None = None,
               on_plan: Callable[[list[PlannedRun]], None] | None = None) -> SweepOutcome:
     console = console or Console()
     recipe, _raw = load_recipe(opts.recipe, opts.overrides)
+    lcfg = resolve_launcher(recipe.launcher, opts.launcher, str(opts.recipe))
     runs = plan(recipe, str(opts.recipe), opts.data_dir)
-    outcome = SweepOutcome(runs, sweep_name=recipe.name)
+    outcome = SweepOutcome(runs, sweep_name=recipe.name, launcher=lcfg.name)
     if on_plan:
         on_plan(runs)
     if opts.dry_run:
         return outcome
-    device = pick_device(opts.device)
+    runs_dir = Path(opts.runs_dir or default_runs_dir()).resolve()
+    launcher = build_launcher(lcfg, opts, runs_dir, recipe.name)
+    db.check_url(opts.db_url)  # before data is prepared: bad input writes nothing
     ensure_data(runs, opts.data_dir, console)
     check_methods(runs, opts.data_dir)
     engine = db.get_engine(opts.db_url)
-    runs_dir = Path(opts.runs_dir or default_runs_dir())
     try:
         runs_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"runs dir {runs_dir} cannot be created: {e}; pass --runs-dir") from None
+
     sid, sha = sweep_id(recipe.name, opts.recipe, opts.overrides)
-    db.upsert_sweep(engine, Sweep(id=sid, name=recipe.name, recipe_path=str(opts.recipe), recipe_sha256=sha,
-                                  created_at=db.now(), mmbench_version=__version__, git_sha=git_sha(),
-                                  host=platform.node(), overrides_json=db.json_dumps(opts.overrides)))
-    db.register_runs(engine, sid, [run_row(r.cfg, r.id, run_dir_for(runs_dir, r.id), list(r.deps.values())) for r in runs])
+    sweep = Sweep(id=sid, name=recipe.name, recipe_path=str(opts.recipe), recipe_sha256=sha, created_at=db.now(),
+                  mmbench_version=__version__, git_sha=git_sha(), host=platform.node(),
+                  overrides_json=db.json_dumps(opts.overrides))
+    rundir.write_sweep_manifest(runs_dir, sweep.model_dump(mode="json"), [r.id for r in runs])
+    try:
+        db.upsert_sweep(engine, sweep)
+        db.register_runs(engine, sid, [run_row(r.cfg, r.id, run_dir_for(runs_dir, r.id), list(r.deps.values()))
+                                       for r in runs])
+    except SQLAlchemyError as e:
+        raise UserError(f"cannot write to the database {opts.db_url or db.default_db_url()}: {e.__class__.__name__}: "
+                        f"{str(e).splitlines()[0]}; nothing was trained, re-run when it is writable") from None
 
-    todo = runs if opts.max_runs is None else runs[: opts.max_runs]
-    with Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("{task.fields[info]}"), console=console, transient=False,
-    ) as prog:
-        overall = prog.add_task("runs", total=len(todo), info="")
-        current = prog.add_task("epochs", total=1, info="", visible=False)
-        for r in todo:
-            label = describe_run(r.cfg)
-            status = run_one(r, engine, sid, runs_dir, device, opts, prog, current, label)
-            if status == "skipped":
-                outcome.skipped += 1
-            elif status == "completed":
-                outcome.completed += 1
-            else:
-                row = db.get_run(engine, r.id)
-                outcome.failed.append((label, (row.error if row else None) or "failed"))
-                prog.console.print(f"[red]run failed[/red] {label}: {outcome.failed[-1][1]}")
-            prog.advance(overall)
+    todo = runs
+    if opts.max_runs is not None:
+        todo = with_dependencies(runs, [r for r in runs if r.requested][: opts.max_runs])
+    defaults = TaskDefaults(device=opts.device or "auto", data_dir=opts.data_dir, workers=opts.workers)
+    res = Driver(todo, launcher, engine, sid, runs_dir, defaults, console, wait=opts.wait).run()
+    by_id = {r.id: r for r in runs}
+    outcome.completed, outcome.skipped = len(res.completed), len(res.skipped)
+    outcome.failed = [(describe_run(by_id[rid].cfg), err) for rid, err in res.failed.items()]
+    outcome.in_flight, outcome.waiting = len(res.in_flight), len(res.waiting)
+    outcome.db_errors = list(res.db_errors.items())
     return outcome
-
-
-def run_one(r: PlannedRun, engine: Any, sid: str, runs_dir: Path, device: torch.device, opts: SweepOptions,
-            prog: Progress | None = None, task: Any = None, label: str = "") -> str:
-    """Train one planned run unless it is done; returns 'skipped', 'completed' or 'failed'."""
-    rdir = run_dir_for(runs_dir, r.id)
-    row = db.get_run(engine, r.id)
-    summary = load_summary(rdir)
-    if summary is not None and summary.get("status") == "completed":
-        if row is None or row.status != "completed":
-            ingest_run_dir(engine, rdir, sid)  # finished earlier, database write lost: recover it
-        return "skipped"
-    if summary is not None:  # failed before: retry from its last checkpoint
-        (rdir / "summary.json").unlink()
-    deps = {}
-    for m, did in r.deps.items():
-        dsum = load_summary(run_dir_for(runs_dir, did))
-        if dsum is None or dsum.get("status") != "completed":
-            db.set_status(engine, r.id, "failed", error=f"dependency {did} (unimodal {m}) did not complete")
-            return "failed"
-        deps[m] = run_dir_for(runs_dir, did)
-    db.set_status(engine, r.id, "running", started_at=db.now(), device=str(device), run_dir=str(rdir), error=None)
-
-    def progress(ev: dict[str, Any]) -> None:
-        if prog is None:
-            return
-        if ev["event"] == "epoch":
-            val = ev["metrics"].get("val", {})
-            info = " ".join(f"{k}={val[k]:.3f}" for k in ("acc", "imbalance_ratio") if k in val)
-            prog.update(task, completed=ev["epoch"], total=ev["epochs"], description=label, info=info, visible=True)
-            db.set_status(engine, r.id, "running", epochs_done=ev["epoch"])
-        else:
-            prog.update(task, total=ev["epochs"], description=f"{label} (epoch {ev['epoch'] + 1}, step {ev['step']}/{ev['steps']})", visible=True)
-
-    summary = execute(r.cfg, r.id, runs_dir, device, opts.data_dir, opts.workers, progress, deps)
-    return ingest_run_dir(engine, rdir, sid) or "failed"

@@ -57,7 +57,9 @@ def plan(recipe: Recipe, where: str | None = None, data_dir: str | None = None) 
 
 
 def sweep_id(name: str, recipe_path: Path, overrides: list[str] | None) -> tuple[str, str]:
-    """(sweep id, recipe sha256): one sweep row per name + recipe content + overrides."""
+    """(sweep id, recipe sha256): one sweep row per name + recipe content + overrides. Launcher
+    overrides are left out: where the runs train does not make it another sweep."""
     sha = hashlib.sha256(Path(recipe_path).read_bytes()).hexdigest()
-    sid = hashlib.sha256(canonical_json([name, sha, sorted(overrides or [])]).encode()).hexdigest()[:12]
+    kept = sorted(o for o in overrides or [] if not o.strip().startswith("launcher."))
+    sid = hashlib.sha256(canonical_json([name, sha, kept]).encode()).hexdigest()[:12]
     return sid, sha

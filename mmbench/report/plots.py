@@ -1,0 +1,144 @@
+"""Figures from the results database (matplotlib, Agg: no display needed).
+
+`curves`: per-epoch trajectories, one panel per metric (per-modality accuracy, imbalance ratio,
+competition strength, method diagnostics such as OGM-GE's coefficients), one line per method and
+setting: the mean over seeds with a ±1 std band. `bar`: the comparison table as grouped bars with
+std error bars. One figure per dataset and protocol, like the tables.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from sqlalchemy.engine import Engine  # noqa: E402
+
+from mmbench.errors import UserError  # noqa: E402
+from mmbench.report.aggregate import (ComparisonTable, expand_metrics, load_epochs, load_runs, scale,  # noqa: E402
+                                      setting_labels)
+from mmbench.report.render import best_rows, header, title  # noqa: E402
+
+CURVE_METRICS = ("acc/*", "imbalance_ratio", "competition/*", "method/*")
+TRAIN_ONLY = ("method/", "epoch_seconds", "train_loss")  # logged on the train split only
+PLOTS = ("curves", "bar")
+
+
+def outputs_for(output: Path, keys: list[tuple[str, str]]) -> list[Path]:
+    """One file per (dataset, protocol): OUTPUT itself when there is one, else OUTPUT_<ds>_<proto>."""
+    if len(keys) == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}_{ds}_{proto}{output.suffix}") for ds, proto in keys]
+
+
+def _split_of(name: str, split: str) -> str:
+    return "train" if name.startswith(TRAIN_ONLY) else split
+
+
+def _grid(n: int) -> tuple[plt.Figure, list[plt.Axes]]:
+    ncols = min(3, n)
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 3.6 * nrows + 0.8), squeeze=False)
+    flat = list(axes.ravel())
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:n]
+
+
+def curves(engine: Engine, output: Path, sweep: str | None = None, dataset: str | None = None,
+           metrics: list[str] | None = None, split: str = "test") -> list[Path]:
+    runs = load_runs(engine, sweep, dataset)
+    if runs.empty:
+        raise UserError("no runs match the filters; run `mmbench sweep RECIPE` first or check --sweep/--dataset")
+    runs = pd.concat([runs, setting_labels(runs)], axis=1)
+    ep = load_epochs(engine, list(runs["id"]))
+    if ep.empty:
+        raise UserError("no per-epoch metrics yet for these runs (they appear when a run finishes); check `mmbench runs`")
+    ep = ep.merge(runs[["id", "dataset", "protocol", "method", "setting", "seed"]], left_on="run_id", right_on="id")
+    patterns = list(metrics) if metrics else list(CURVE_METRICS)
+    groups = [(k, g) for k, g in ep.groupby(["dataset", "protocol"], sort=True)]
+    figs: list[tuple[plt.Figure, str]] = []
+    for (ds, proto), g in groups:
+        available = sorted({n for n, s in zip(g["name"], g["split"]) if s == _split_of(n, split)})
+        names = expand_metrics(patterns, available)
+        if not names:
+            continue
+        fig, axes = _grid(len(names))
+        cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        keys = list(dict.fromkeys(zip(g["method"], g["setting"])))
+        color = {k: cycle[i % len(cycle)] for i, k in enumerate(keys)}  # one colour per line in every panel
+        for ax, name in zip(axes, names):
+            sub = g[(g["name"] == name) & (g["split"] == _split_of(name, split)) & g["value"].notna()]
+            for (meth, sett), line in sub.groupby(["method", "setting"], sort=False):
+                piv = line.pivot_table(index="epoch", columns="seed", values="value", aggfunc="mean")
+                x = piv.index.to_numpy() + 1
+                k = scale(name)
+                mean = k * piv.mean(axis=1).to_numpy()
+                std = k * piv.std(axis=1, ddof=1).fillna(0).to_numpy() if piv.shape[1] > 1 else np.zeros_like(mean)
+                lbl = f"{meth} ({sett})" if sett else str(meth)
+                c = color[(meth, sett)]
+                ax.plot(x, mean, marker="o" if len(x) < 15 else None, ms=3, color=c, label=f"{lbl} n={piv.shape[1]}")
+                ax.fill_between(x, mean - std, mean + std, alpha=0.2, color=c)
+            ax.set_title(f"{header(name)} [{_split_of(name, split)}]", fontsize=10)
+            ax.set_xlabel("epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(alpha=0.3)
+        handles, labels = _legend_entries(axes)
+        fig.legend(handles, labels, loc="lower center", ncol=min(4, max(1, len(labels))), fontsize=8, frameon=False)
+        fig.suptitle(f"{ds} / protocol {proto} — mean ± std over seeds", fontsize=11)
+        fig.tight_layout(rect=(0, 0.08, 1, 0.96))
+        figs.append((fig, f"{ds}|{proto}"))
+    if not figs:
+        raise UserError(f"no per-epoch metric matches {', '.join(patterns)}; pass --metric (e.g. --metric 'acc/*')")
+    return _save(figs, output)
+
+
+def _legend_entries(axes: list[plt.Axes]) -> tuple[list, list[str]]:
+    seen: dict[str, object] = {}
+    for ax in axes:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(label, h)
+    return list(seen.values()), list(seen)
+
+
+def bar(tables: list[ComparisonTable], output: Path) -> list[Path]:
+    figs: list[tuple[plt.Figure, str]] = []
+    for t in tables:
+        fig, axes = _grid(len(t.columns))
+        labels = [r.method + (f"\n{r.setting}" if r.setting else "") for r in t.rows]
+        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        for ax, c in zip(axes, t.columns):
+            k = scale(c)
+            means = [k * r.cells[c].summary.mean if c in r.cells else np.nan for r in t.rows]
+            stds = [k * r.cells[c].summary.std if c in r.cells else 0.0 for r in t.rows]
+            bars = ax.bar(range(len(t.rows)), means, yerr=stds, capsize=3,
+                          color=[colors[i % len(colors)] for i in range(len(t.rows))])
+            for i in best_rows(t, c):
+                bars[i].set_edgecolor("black")
+                bars[i].set_linewidth(2)
+            for i, r in enumerate(t.rows):
+                if r.is_baseline:
+                    bars[i].set_hatch("//")
+            ax.set_xticks(range(len(t.rows)), labels, rotation=30, ha="right", fontsize=8)
+            ax.set_title(header(c), fontsize=10)
+            ax.grid(axis="y", alpha=0.3)
+        fig.suptitle(title(t) + "\nmean ± std over seeds; best outlined" + ("; baseline hatched" if t.baseline else ""),
+                     fontsize=10)
+        fig.tight_layout()
+        figs.append((fig, f"{t.dataset}|{t.protocol}"))
+    return _save(figs, output)
+
+
+def _save(figs: list[tuple[plt.Figure, str]], output: Path) -> list[Path]:
+    keys = [tuple(k.split("|", 1)) for _, k in figs]
+    paths = outputs_for(output, keys)  # type: ignore[arg-type]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    for (fig, _), p in zip(figs, paths):
+        fig.savefig(p, dpi=120)
+        plt.close(fig)
+    return paths

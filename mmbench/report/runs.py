@@ -1,0 +1,61 @@
+"""`mmbench runs`: what every run is doing, from the database (status, progress, error, where its
+files are), so a failed or stuck run can be found without opening run directories."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from rich.table import Table
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, select
+
+from mmbench.errors import UserError
+from mmbench.store import db
+from mmbench.store.tables import Run, Sweep
+
+STATUSES = ("pending", "running", "completed", "failed")
+STYLE = {"completed": "green", "failed": "red", "running": "yellow", "pending": "dim"}
+
+
+def list_runs(engine: Engine, sweep: str | None = None, status: str | None = None, dataset: str | None = None) -> list[Run]:
+    if status is not None and status not in STATUSES:
+        raise UserError(f"--status {status}: choose one of {', '.join(STATUSES)}")
+    if sweep is not None:
+        with Session(engine) as s:
+            known = sorted(set(s.exec(select(Sweep.name)).all()))
+        if sweep not in known:
+            raise UserError(f"no sweep named '{sweep}' in the database; known: {', '.join(known) or '(none)'}")
+    return db.runs_of(engine, sweep, dataset, status)
+
+
+def progress(r: Run) -> str:
+    total = r.epochs_total if r.epochs_total is not None else "?"
+    return f"{r.epochs_done}/{total}"
+
+
+def short_path(p: str | None) -> str:
+    """Relative to the working directory when inside it (the usual ./runs/<id>), else as stored."""
+    if not p:
+        return ""
+    try:
+        rel = Path(p).resolve().relative_to(Path.cwd().resolve())
+    except (ValueError, OSError):
+        return p
+    return os.path.join(".", str(rel))
+
+
+def runs_table(runs: list[Run], title: str, error_width: int = 60) -> Table:
+    tab = Table(title=title, title_justify="left")
+    for c, kw in (("run id", {"no_wrap": True}), ("run", {}), ("dataset/protocol", {}), ("seed", {"justify": "right"}),
+                  ("status", {}), ("epochs", {"justify": "right"}), ("wall s", {"justify": "right"}), ("error", {}),
+                  ("run dir", {"overflow": "fold"})):
+        tab.add_column(c, **kw)
+    for r in runs:
+        err = (r.error or "").splitlines()[0] if r.error else ""
+        if len(err) > error_width:
+            err = err[: error_width - 1] + "…"
+        style = STYLE.get(r.status, "")
+        tab.add_row(r.id, f"{r.label or r.method} {r.backbone}/{r.fusion}", f"{r.dataset}/{r.protocol}", str(r.seed),
+                    f"[{style}]{r.status}[/{style}]" if style else r.status, progress(r),
+                    "" if r.wall_seconds is None else f"{r.wall_seconds:.0f}", err, short_path(r.run_dir))
+    return tab
