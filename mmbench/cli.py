@@ -351,7 +351,8 @@ def methods() -> None:
     tab.add_column("description")
     tab.add_column("parameters (default)")
     for name, cls in METHODS.items():
-        params = ", ".join(f"{k}={f.default!r}" for k, f in cls.HParams.model_fields.items())
+        params = ", ".join(f"{k}=" + ("(required)" if f.is_required() else repr(f.default))
+                           for k, f in cls.HParams.model_fields.items())
         tab.add_row(name, describe(cls), params)
     console.print(tab)
 

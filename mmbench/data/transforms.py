@@ -57,31 +57,63 @@ def _random_resized_boxes(
 
 def frames(
     x: torch.Tensor, train: bool, gen: torch.Generator | None = None, size: int = 224,
-    mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD, **_: Any,
+    mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD, augment: bool = True, **_: Any,
 ) -> torch.Tensor:
     """uint8 frames (B, T, 3, H, W) -> normalised float (B, T, 3, size, size).
 
     Train: RandomResizedCrop(size) + RandomHorizontalFlip per clip (the same crop for all of a
     clip's frames, as the method repos apply one transform to a clip's frames); eval: Resize((size,
-    size)). Bilinear resampling via roi_align, so a whole batch is cropped in one kernel.
+    size)). Bilinear resampling via roi_align on a GPU, so a whole batch is cropped in one kernel;
+    uint8 interpolation per clip on a CPU (see `_crop_resize_cpu`).
+    Frames stored at `size` already (the prepared stores) skip the resize, which is then exact;
+    `augment=False` (digits: a flipped 2 is no 2) trains on the eval view.
     """
     b, t, c, h, w = x.shape
-    xf = x.float().div_(255.0).reshape(b, t * c, h, w)
+    train = train and augment
+    if not train and h == size and w == size:
+        return _normalize(x.to(torch.float32, copy=True), mean, std)
     if train:
         boxes = _random_resized_boxes(b, h, w, gen, x.device)
     else:
         boxes = torch.tensor([[0.0, 0.0, float(w), float(h)]], device=x.device).expand(b, 4)
-    rois = torch.cat([torch.arange(b, device=x.device, dtype=xf.dtype)[:, None], boxes.to(xf.dtype)], 1)
-    out = roi_align(xf, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+    if x.device.type == "cpu":
+        out = _crop_resize_cpu(x.reshape(b, t * c, h, w), boxes, size)  # uint8
+    else:
+        xf = x.float().reshape(b, t * c, h, w)
+        rois = torch.cat([torch.arange(b, device=x.device, dtype=xf.dtype)[:, None], boxes.to(xf.dtype)], 1)
+        # a box no larger than the output is upsampled: one sample per output pixel is exact bilinear
+        # interpolation; larger boxes average 2x2 samples (some antialiasing)
+        up = bool(((boxes[:, 2] - boxes[:, 0]).max() <= size) and ((boxes[:, 3] - boxes[:, 1]).max() <= size))
+        out = roi_align(xf, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=1 if up else 2, aligned=True)
     if train:
         flip = torch.rand(b, generator=gen) < 0.5
         if flip.any():
             idx = flip.nonzero().squeeze(1).to(x.device)
             out[idx] = out[idx].flip(-1)
-    out = out.reshape(b, t, c, size, size)
-    m = torch.tensor(mean, device=x.device, dtype=out.dtype).view(1, 1, c, 1, 1)
-    s = torch.tensor(std, device=x.device, dtype=out.dtype).view(1, 1, c, 1, 1)
-    return (out - m) / s
+    return _normalize(out.reshape(b, t, c, size, size), mean, std)
+
+
+def _normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """Values on the 0-255 scale (B, T, C, H, W) -> (x / 255 - mean) / std, as one in-place multiply-add
+    (3x faster on a CPU than three separate passes). `x` must be uint8 or a float32 tensor of our own."""
+    c = x.shape[2]
+    s = torch.tensor(std, device=x.device, dtype=torch.float32).view(1, 1, c, 1, 1)
+    m = torch.tensor(mean, device=x.device, dtype=torch.float32).view(1, 1, c, 1, 1)
+    y = x if x.dtype == torch.float32 else x.float()
+    return y.mul_(1.0 / (255.0 * s)).add_(-m / s)
+
+
+def _crop_resize_cpu(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """Per-clip crop + bilinear resize of uint8 frames with PyTorch's vectorised uint8 CPU kernel
+    (about 4x faster than roi_align on a CPU), antialiased when shrinking as PIL/torchvision resize;
+    like the repos' PIL pipeline the resized frame is uint8 before normalisation."""
+    out = torch.empty(x.shape[0], x.shape[1], size, size, dtype=torch.uint8)
+    for i, (x0, y0, x1, y1) in enumerate(boxes.round().long().tolist()):
+        crop = x[i : i + 1, :, y0:y1, x0:x1]
+        shrink = (x1 - x0) > size or (y1 - y0) > size
+        out[i] = torch.nn.functional.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False,
+                                                 antialias=shrink)[0]
+    return out
 
 
 TRANSFORMS: dict[str, Callable[..., torch.Tensor]] = {"identity": identity, "frames": frames}
