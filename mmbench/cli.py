@@ -87,7 +87,7 @@ def _print_prepare_report(dataset: str, proto: str, store: Path, rep: dict) -> N
 
 
 def _sweep_opts(recipe: Path, sets: Optional[list[str]], db: Optional[str], runs_dir: Optional[Path],
-                data_dir: Optional[Path], device: Optional[str], workers: int, dry_run: bool, max_runs: Optional[int] = None,
+                data_dir: Optional[Path], device: Optional[str], workers: Optional[int], dry_run: bool, max_runs: Optional[int] = None,
                 launcher: Optional[dict] = None, wait: bool = True):
     from mmbench.sweep.launch import SweepOptions
 
@@ -158,7 +158,8 @@ def sweep(
     runs_dir: Optional[Path] = typer.Option(None, "--runs-dir", help="run directories (default $MMBENCH_RUNS or ./runs)"),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="prepared stores (default $MMBENCH_DATA or ./data)"),
     device: Optional[str] = typer.Option(None, "--device", help="auto (default), cpu, cuda, cuda:N"),
-    workers: int = typer.Option(0, "--workers", min=0, help="data-loader worker processes per run"),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0,
+                                          help="data-loader worker processes per run (default: 4 on a GPU, 0 on a CPU)"),
     launcher: Optional[str] = typer.Option(None, "--launcher", help="local (default) | slurm | local-submitit"),
     jobs: Optional[int] = typer.Option(None, "--jobs", help="runs at once (local: worker processes; local-submitit: jobs)"),
     gpus: Optional[str] = typer.Option(None, "--gpus", help="local: GPU ids to place runs on, e.g. 0,1,2,3"),
@@ -209,7 +210,7 @@ def train(
     runs_dir: Optional[Path] = typer.Option(None, "--runs-dir"),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
     device: Optional[str] = typer.Option(None, "--device"),
-    workers: int = typer.Option(0, "--workers", min=0),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="data-loader workers (default: 4 on a GPU, 0 on a CPU)"),
 ) -> None:
     """Train exactly one run (errors if the recipe expands to more)."""
     from mmbench.config import load_recipe
@@ -398,7 +399,8 @@ def main() -> None:
             else:
                 err_console.print(f"error: {e}")
             sys.exit(2 if getattr(e, "exit_code", 1) == 2 else e.exit_code)
-        if isinstance(e, Abort):
+        if isinstance(e, Abort):  # Ctrl-C inside a command arrives as the parser's Abort
+            err_console.print("interrupted; re-run the same command to resume")
             sys.exit(130)
         raise
 

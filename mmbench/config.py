@@ -356,6 +356,7 @@ def validate_run(cfg: dict[str, Any], where: str) -> dict[str, Any]:
 def describe_run(cfg: dict[str, Any]) -> str:
     """Short human label: method(+params) fusion seed."""
     m = cfg["method"]
-    params = ",".join(f"{k}={v}" for k, v in m.items() if k != "name")
+    params = ",".join(f"{k}={json.dumps(v, separators=(',', ':')) if isinstance(v, (list, dict)) else v}"
+                      for k, v in m.items() if k != "name")
     label = m["name"] + (f"({params})" if params else "")
     return f"{label} {cfg['model']['backbone']}/{cfg['model']['fusion']} seed={cfg['seed']}"

@@ -64,7 +64,7 @@ def execute(
     runs_dir: Path,
     device: torch.device,
     data_dir: str | None = None,
-    workers: int = 0,
+    workers: int | None = None,
     progress: Progress | None = None,
     dependencies: dict[str, Path] | None = None,
 ) -> dict[str, Any]:

@@ -5,6 +5,7 @@ per-epoch checkpoints (resume from the last finished epoch), and the reference m
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +43,7 @@ class Trainer:
     run_dir: Path
     device: torch.device
     data_dir: str | None = None
-    workers: int = 0
+    workers: int | None = None  # data-loader workers; None: 4 on a GPU (keep it fed), 0 on a CPU
     progress: Progress | None = None
     dependencies: dict[str, Path] = field(default_factory=dict)  # modality -> unimodal run dir
 
@@ -64,6 +65,14 @@ class Trainer:
         cls.check_train(train, hp)
         return cls(spec, hp, train)
 
+    @property
+    def num_workers(self) -> int:
+        if self.workers is not None:
+            return self.workers
+        # on a CPU the store's batched memmap reads cost less than worker start-up; on a GPU
+        # workers overlap loading with the step (transforms run on the GPU either way)
+        return min(4, os.cpu_count() or 1) if self.device.type == "cuda" else 0
+
     def _loader(self, split: Any, train: bool, batch_size: int, seed: int) -> DataLoader:
         g = torch.Generator()
         g.manual_seed(seed)
@@ -72,8 +81,9 @@ class Trainer:
             batch_size=batch_size,
             shuffle=train,
             drop_last=train and self.cfg["train"]["drop_last"],
-            num_workers=self.workers,
+            num_workers=self.num_workers,
             pin_memory=self.device.type == "cuda",
+            prefetch_factor=4 if self.num_workers > 0 else None,
             persistent_workers=False,
             collate_fn=collate,
             generator=g,

@@ -73,21 +73,36 @@ def load_epochs(engine: Engine, run_ids: list[str], names: list[str] | None = No
 
 
 def setting_labels(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per run: `setting`, a short label of its non-seed configuration (the keys that differ
-    between runs; method parameters always shown), and `context`, the same without the method's
-    own parameters (fusion, grid values), which is what a baseline row must share to be paired."""
-    flat = [_flatten({k: v for k, v in json.loads(c).items() if k not in ("seed", "schema")}) for c in runs["config_json"]]
-    fdf = pd.DataFrame(flat, index=runs.index)
-    # a key absent from some runs (another method's parameter) counts as a difference; pandas'
-    # nunique would drop the missing values, so count distinct representations instead
-    varying = [c for c in fdf.columns if len({repr(v) if pd.notna(v) else None for v in fdf[c]}) > 1
-               and not c.startswith(("dataset.", "method.name"))]
+    """Per run: `setting`, a short label of its non-seed configuration, and `context`, the part
+    a baseline row must share to be paired (fusion, optimiser, grid values...).
+
+    Method parameters are shown where they vary between runs of the same method (an `alpha`
+    grid); other keys where they vary between runs of the table. `metrics.*` only says what is
+    measured, not how a model is trained, so it never separates rows; a unimodal run's fusion is
+    canonical (it has none), so it is not shown for it.
+    """
+    cfgs = [json.loads(c) for c in runs["config_json"]]
+    flat = pd.DataFrame([_flatten({k: v for k, v in c.items() if k not in ("seed", "schema")}) for c in cfgs],
+                        index=runs.index)
+
+    def varies(frame: pd.DataFrame, col: str) -> bool:
+        # a key absent from some runs counts as a difference; nunique would drop missing values
+        return len({repr(v) if pd.notna(v) else None for v in frame[col]}) > 1
+
+    ctx_cols = [c for c in flat.columns if not c.startswith(("dataset.", "method.", "metrics."))]
+    varying_ctx = [c for c in ctx_cols if varies(flat, c)]
+    method_of = flat["method.name"]
     settings, contexts = [], []
-    for _, row in fdf.iterrows():
-        mparts = [f"{c.split('.', 1)[1]}={row[c]}" for c in varying if c.startswith("method.") and pd.notna(row[c])]
-        cparts = [f"{c}={row[c]}" for c in varying if not c.startswith("method.") and pd.notna(row[c])]
+    for idx, row in flat.iterrows():
+        same = flat[method_of == row["method.name"]]
+        mcols = [c for c in flat.columns if c.startswith("method.") and c != "method.name" and varies(same, c)]
+        mparts = [f"{c.split('.', 1)[1]}={row[c]}" for c in mcols if pd.notna(row[c])]
+        if row["method.name"] == "unimodal" and "method.modality" not in mcols:
+            mparts.insert(0, f"modality={row['method.modality']}")
+        cparts = [f"{c.split('.')[-1] if c.startswith('model.') else c}={row[c]}" for c in varying_ctx
+                  if pd.notna(row[c]) and not (row["method.name"] == "unimodal" and c == "model.fusion")]
         settings.append(", ".join(str(p) for p in mparts + cparts))
-        contexts.append(", ".join(str(p) for p in cparts))
+        contexts.append(", ".join(f"{c}={row[c]}" for c in varying_ctx if c != "model.fusion" or row["method.name"] != "unimodal"))
     return pd.DataFrame({"setting": settings, "context": contexts}, index=runs.index)
 
 

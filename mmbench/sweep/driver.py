@@ -48,7 +48,7 @@ class DriveResult:
 class TaskDefaults:
     device: str = "auto"
     data_dir: str | None = None
-    workers: int = 0
+    workers: int | None = None
 
 
 class Driver:

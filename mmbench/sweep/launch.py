@@ -45,7 +45,7 @@ class SweepOptions:
     runs_dir: Path | None = None
     data_dir: str | None = None
     device: str | None = None
-    workers: int = 0
+    workers: int | None = None
     dry_run: bool = False
     max_runs: int | None = None  # train at most this many requested runs, with their dependencies (`train`: 1)
     launcher: dict[str, Any] = field(default_factory=dict)  # command-line launcher options, over the recipe's

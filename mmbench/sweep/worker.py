@@ -28,7 +28,7 @@ class Task:
     cfg: dict[str, Any]
     device: str = "auto"
     data_dir: str | None = None
-    workers: int = 0
+    workers: int | None = None
     deps: dict[str, str] = field(default_factory=dict)  # modality -> run dir of its unimodal reference
     threads: int | None = None  # torch intra-op threads (None: torch's default, or SLURM's cpus)
 
