@@ -14,14 +14,16 @@ def pick_device(requested: str | None = None) -> torch.device:
     """`auto` (default): CUDA when present, else CPU. `cuda:N` must exist."""
     req = (requested or os.environ.get("MMBENCH_DEVICE") or "auto").lower()
     if req == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        req = "cuda" if torch.cuda.is_available() else "cpu"
     if req == "cpu":
         return torch.device("cpu")
     if req.startswith("cuda"):
         if not torch.cuda.is_available():
             raise UserError(f"--device {requested}: CUDA is not available on this machine; use --device cpu or auto")
         dev = torch.device(req)
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
+        if dev.index is None:  # always an indexed device: set_device and device names need one
+            dev = torch.device("cuda", torch.cuda.current_device())
+        if dev.index >= torch.cuda.device_count():
             raise UserError(f"--device {requested}: only {torch.cuda.device_count()} GPU(s) present")
         return dev
     raise UserError(f"--device {requested}: expected auto, cpu, cuda or cuda:N")
