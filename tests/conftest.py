@@ -34,20 +34,26 @@ def mm_env(tmp_path: Path, tiny_data_dir: Path, monkeypatch: pytest.MonkeyPatch)
     return tmp_path
 
 
+def run_cli(monkeypatch: pytest.MonkeyPatch, *args: str) -> int:
+    """`mmbench ARGS...` in-process; returns the exit code (output stays in capsys)."""
+    from mmbench.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["mmbench", *map(str, args)])
+    try:
+        main()
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
 @pytest.fixture
 def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Callable[..., tuple[int, str]]:
     """Run `mmbench ARGS...` in-process; returns (exit code, stdout+stderr)."""
-    from mmbench.cli import main
 
     def run(*args: str) -> tuple[int, str]:
         capsys.readouterr()
-        monkeypatch.setattr(sys, "argv", ["mmbench", *map(str, args)])
         monkeypatch.setenv("COLUMNS", "250")
-        try:
-            main()
-            code = 0
-        except SystemExit as e:
-            code = int(e.code or 0)
+        code = run_cli(monkeypatch, *args)
         out = capsys.readouterr()
         return code, out.out + out.err
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
@@ -323,17 +324,6 @@ def write_recipe(path: Path, method: str) -> None:
         f"methods: [{method}]\n"
         "seeds: [0]\n"
     )
-
-
-def run_cli(monkeypatch, *args: str) -> int:
-    from mmbench.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["mmbench", *args])
-    try:
-        main()
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
 
 
 @pytest.mark.parametrize("entry,needle", [

@@ -131,6 +131,7 @@ class Method(nn.Module):
     description: ClassVar[str] = ""
     HParams: ClassVar[type[HParams]] = HParams
     fusions: ClassVar[set[str] | None] = None  # fusions the method can serve; None = any
+    fusion_reason: ClassVar[str] = ""  # why only those, for the error message
     n_modalities: ClassVar[tuple[int, int | None]] = (1, None)  # (min, max)
 
     def __init__(self, spec: ModelSpec, hp: HParams, train: TrainSpec) -> None:
@@ -154,8 +155,10 @@ class Method(nn.Module):
             want = f"{lo}" if lo == hi else f"{lo}..{hi if hi is not None else 'any'}"
             raise UserError(f"method '{cls.name}' needs {want} modalities, the dataset gives {n} ({spec.modalities})")
         if cls.fusions is not None and spec.fusion not in cls.fusions:
+            why = f" ({cls.fusion_reason})" if cls.fusion_reason else ""
             raise UserError(
-                f"method '{cls.name}' cannot serve fusion '{spec.fusion}'; it supports: {', '.join(sorted(cls.fusions))}"
+                f"method '{cls.name}' cannot serve fusion '{spec.fusion}'{why}; "
+                f"set model.fusion to one of: {', '.join(sorted(cls.fusions))}"
             )
 
     @classmethod

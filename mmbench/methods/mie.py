@@ -119,15 +119,8 @@ class MIE(Method):
     description = "MIE: alternating unimodal stages, SAM-style flat loss, SVD flat projection of classifier gradients"
     HParams = MIEHParams
     n_modalities = (2, None)
-
-    @classmethod
-    def check(cls, spec: ModelSpec, hp: HParams) -> None:
-        super().check(spec, hp)
-        if spec.fusion != "concat":
-            raise UserError(
-                f"method 'mie' has no fusion layer (it averages its per-modality classifiers' softmaxes); "
-                f"model.fusion '{spec.fusion}' would change nothing: leave it at concat"
-            )
+    fusions = {"concat"}
+    fusion_reason = "it has no fusion layer: it averages its per-modality classifiers' softmaxes"
 
     @classmethod
     def check_train(cls, train: TrainSpec, hp: HParams) -> None:

@@ -103,15 +103,8 @@ class MMPareto(Method):
     description = "MMPareto: MGDA weights for fused vs unimodal losses on conflicting encoder gradients, norm x1.5"
     HParams = MMParetoHParams
     n_modalities = (2, None)
-
-    @classmethod
-    def check(cls, spec: ModelSpec, hp: HParams) -> None:
-        super().check(spec, hp)
-        if spec.fusion != "concat":
-            raise UserError(
-                f"method 'mmpareto' is defined on a concat head plus unimodal heads; model.fusion '{spec.fusion}' "
-                "is not supported: set model.fusion: concat"
-            )
+    fusions = {"concat"}
+    fusion_reason = "it is defined on a concat head plus unimodal heads"
 
     def build_model(self) -> nn.Module:
         model = super().build_model()
