@@ -212,6 +212,7 @@ def compare(
             rows.append(row)
         if not rows:
             continue
+        rows.sort(key=row_order)
         t = ComparisonTable(str(ds), str(proto), selection, split, cols, rows,
                             partial=bool((grp["status"] != "completed").any()), baseline=baseline)
         _compare_to_baseline(t, baseline)
@@ -227,6 +228,13 @@ def compare(
         known = sorted({r.method for t in tables for r in t.rows} | {r.label for t in tables for r in t.rows})
         raise UserError(f"--baseline {baseline}: no completed runs of it in this report; choose one of: {', '.join(known)}")
     return tables
+
+
+def row_order(row: "Row") -> tuple[int, str, str]:
+    """References first (unimodal, then joint), then the methods alphabetically: a stable order
+    that does not depend on when runs were written."""
+    rank = {"unimodal": 0, "joint": 1}.get(row.method, 2)
+    return rank, row.method, row.setting
 
 
 def _epoch_seconds(engine: Engine, run_ids: list[str]) -> dict[str, float]:
