@@ -4,7 +4,6 @@ Exit codes: 0 ok; 1 a run or step failed; 2 bad input (the message says what and
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path

@@ -4,10 +4,11 @@ from __future__ import annotations
 import copy
 import math
 import sqlite3
-import sys
+from pathlib import Path
 
 import pytest
 from conftest import run_cli
+from conftest import write_recipe as tiny_recipe
 import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
@@ -230,29 +231,9 @@ def test_needs_exactly_two_modalities():
         cls.check(spec, cls.HParams())
 
 
-def write_recipe(path, method: str, epochs: int = 2) -> None:
-    path.write_text(
-        "name: t\n"
-        "dataset: {name: synthetic, protocol: tiny}\n"
-        "model: {backbone: tiny, fusion: concat}\n"
-        f"train: {{epochs: {epochs}, batch_size: 64, optimizer: {{name: sgd, lr: 0.01}}}}\n"
-        f"methods: [{method}]\n"
-        "seeds: [0]\n"
-    )
-
-
-@pytest.mark.parametrize("entry,needle", [
-    ("{name: ogm_ge, alpha: -0.5}", "alpha"),
-    ("{name: ogm_ge, modulation_starts: 5, modulation_ends: 2}", "modulation_ends"),
-])
-def test_cli_bad_parameters_exit_2(tmp_path, monkeypatch, capsys, entry, needle):
-    recipe = tmp_path / "r.yaml"
-    write_recipe(recipe, entry)
-    code = run_cli(monkeypatch, "sweep", str(recipe), "--dry-run", "--db", f"sqlite:///{tmp_path / 'db.sqlite'}",
-                   "--runs-dir", str(tmp_path / "runs"), "--data-dir", str(tmp_path / "data"))
-    assert code == 2
-    assert needle in capsys.readouterr().err
-    assert not (tmp_path / "runs").exists()
+def write_recipe(path: Path, method: str, epochs: int = 2) -> Path:
+    """A tiny synthetic recipe with one method entry (the suite's shared template)."""
+    return tiny_recipe(path, epochs=epochs, methods=f"[{method}]")
 
 
 # ---- end to end -----------------------------------------------------------------------------

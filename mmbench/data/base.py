@@ -1,6 +1,7 @@
 """Dataset interface: each dataset module registers one `DatasetBuilder` subclass."""
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -25,7 +26,7 @@ class PrepareResult:
     report: dict[str, Any]
 
 
-class DatasetBuilder:
+class DatasetBuilder(ABC):
     """Turns a raw dataset into a prepared store (mmbench.data.store) for one protocol.
 
     Subclasses set `name`, `description`, `protocols` (name -> one-line description) and
@@ -38,8 +39,9 @@ class DatasetBuilder:
     default_protocol: ClassVar[str] = "default"
     modalities: ClassVar[tuple[str, ...]] = ("audio", "visual")
 
+    @abstractmethod
     def prepare(self, req: PrepareRequest) -> PrepareResult:
-        raise NotImplementedError
+        """Build (or find up to date) the store of `req.protocol`; idempotent and resumable."""
 
 
 DATASETS: Registry[type[DatasetBuilder]] = Registry("dataset", "mmbench.data.datasets")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from abc import abstractmethod
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Iterator
@@ -52,8 +53,9 @@ class ManifestProtocols(Mapping[str, str]):
 class ManifestBuilder(DatasetBuilder):
     """Base for datasets described by `data_manifests/<name>.yaml`."""
 
+    @abstractmethod
     def plan(self, man: Manifest, req: PrepareRequest, params: dict[str, Any]) -> Plan:
-        raise NotImplementedError
+        """What to decode for this protocol: items per split with their sources and labels."""
 
     def prepare(self, req: PrepareRequest) -> PrepareResult:
         man = load_manifest(self.name)

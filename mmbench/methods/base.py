@@ -9,6 +9,7 @@ are checked before anything runs.
 from __future__ import annotations
 
 import contextlib
+from abc import ABCMeta, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterator
 
@@ -124,7 +125,7 @@ def build_scheduler(opt: torch.optim.Optimizer, cfg: dict[str, Any], epochs: int
     raise UserError(f"unknown scheduler '{name}'; choose none, step or cosine")
 
 
-class Method(nn.Module):
+class Method(nn.Module, metaclass=ABCMeta):
     """Base class. Subclasses set `name`, `HParams`, and override `update` (and hooks as needed)."""
 
     name: ClassVar[str]
@@ -225,8 +226,10 @@ class Method(nn.Module):
         self.optimizer.zero_grad(set_to_none=True)
 
     # ----- the interface ----------------------------------------------------------------------
+    @abstractmethod
     def update(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor, ctx: StepContext) -> dict[str, float]:
-        raise NotImplementedError
+        """One training step (forward, loss, backward, gradient surgery, optimizer step); returns
+        scalars to log, averaged over the epoch as `method/<key>` (`loss` as `train_loss`)."""
 
     def predict(self, inputs: dict[str, torch.Tensor]) -> ModelOutput:
         """Eval-mode forward. Override to change how the method predicts (e.g. averaged softmaxes)."""

@@ -19,8 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmbench.errors import UserError
-from mmbench.methods.base import Field, HParams, Method, ModelSpec, StepContext, register_method
+from mmbench.methods.base import Field, HParams, Method, StepContext, register_method
 from mmbench.models.classifier import weight_init
 
 MGDA_HIGH, MGDA_LOW = 0.999, 0.001  # the min-norm solver's clamps for the two-point case

@@ -5,14 +5,12 @@ features are the mono-modal concept of AGM's competition strength.
 """
 from __future__ import annotations
 
-from typing import Literal
-
-import torch
-import torch.nn.functional as F
-
-from mmbench.methods.base import Field, HParams, Method, ModelSpec, StepContext, register_method
-from mmbench.models.classifier import build_classifier
 from torch import nn
+
+from mmbench.errors import UserError
+from mmbench.methods.base import Field, HParams, ModelSpec, register_method
+from mmbench.methods.joint import Joint
+from mmbench.models.classifier import build_classifier
 
 
 class UnimodalHParams(HParams):
@@ -20,8 +18,8 @@ class UnimodalHParams(HParams):
 
 
 @register_method
-class Unimodal(Method):
-    """One modality alone: its encoder and a linear head."""
+class Unimodal(Joint):
+    """One modality alone: its encoder and a linear head, trained like `joint` (one forward, CE)."""
 
     name = "unimodal"
     description = "one modality alone (encoder + linear head): the competition-free reference"
@@ -29,8 +27,6 @@ class Unimodal(Method):
 
     @classmethod
     def check(cls, spec: ModelSpec, hp: UnimodalHParams) -> None:  # type: ignore[override]
-        from mmbench.errors import UserError
-
         if hp.modality not in spec.modalities:
             raise UserError(
                 f"unimodal: modality '{hp.modality}' is not in the dataset; choose one of: {', '.join(spec.modalities)}"
@@ -44,15 +40,6 @@ class Unimodal(Method):
         s = self.spec
         m = self.hp.modality  # type: ignore[attr-defined]
         return build_classifier(s.backbone, "concat", {m: s.input_shapes[m]}, s.num_classes, s.init)
-
-    def update(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor, ctx: StepContext) -> dict[str, float]:
-        self.zero_grad()
-        with self.autocast():
-            out = self.model(inputs)
-            loss = F.cross_entropy(out.logits, labels)
-        self.backward(loss)
-        self.optimizer_step()
-        return {"loss": loss.detach()}
 
     def describe_run(self) -> dict[str, object]:
         return {"estimator": "unimodal", "modality": self.hp.modality}  # type: ignore[attr-defined]

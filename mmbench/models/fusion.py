@@ -10,6 +10,7 @@ OGM-GE's coefficient uses and which is logged as `acc_split/<m>` for comparison 
 """
 from __future__ import annotations
 
+from abc import ABCMeta, abstractmethod
 from typing import Callable
 
 import torch
@@ -21,7 +22,7 @@ from mmbench.registry import Registry
 FUSIONS: Registry[Callable[..., "Fusion"]] = Registry("fusion")
 
 
-class Fusion(nn.Module):
+class Fusion(nn.Module, metaclass=ABCMeta):
     estimator = "mean-feature"
 
     def __init__(self, dims: dict[str, int], num_classes: int) -> None:
@@ -30,8 +31,9 @@ class Fusion(nn.Module):
         self.dims = dict(dims)
         self.num_classes = num_classes
 
+    @abstractmethod
     def forward(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
-        raise NotImplementedError
+        """Fused logits (B, C) from pooled features per modality."""
 
     def modality_logits(self, feats: dict[str, torch.Tensor], means: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Logits of each modality with every other modality held at its mean feature."""
