@@ -77,9 +77,6 @@ class Manifest:
             raise UserError(f"{self.path}: no source '{key}'")
         return self.sources[key]
 
-    def protocol_names(self) -> list[str]:
-        return list(self.raw.get("protocols", {}))
-
     def protocol(self, name: str) -> dict[str, Any]:
         """A protocol's parameters with `extends` resolved (the parent's, deep-merged with its own)."""
         protos = self.raw.get("protocols", {})

@@ -28,7 +28,6 @@ from torch.utils.data import Dataset
 from mmbench.errors import UserError
 
 STORE_FORMAT = 1
-SPLITS = ("train", "val", "test")
 
 
 def data_root(data_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -102,7 +101,7 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 class StoreWriter:
     """Builds a store in a staging folder and moves it into place only when complete.
 
-    Usage: ``w = StoreWriter(root, meta_partial)``; ``w.write_split("train", arrays, labels, ids)``
+    Usage: ``w = StoreWriter(final_dir)``; ``w.write_split("train", arrays, labels, ids)``
     for each split; ``w.finish(meta, report)``. An interrupted writer leaves only the staging
     folder, which the next `prepare` discards, so an existing complete store is never damaged.
     """
@@ -113,12 +112,6 @@ class StoreWriter:
         if self.staging.exists():
             shutil.rmtree(self.staging)
         self.staging.mkdir(parents=True)
-
-    def open_array(self, split: str, modality: str, shape: tuple[int, ...], dtype: str) -> np.memmap:
-        """A writable memory-mapped .npy, for filling item by item without holding it in RAM."""
-        d = self.staging / split
-        d.mkdir(parents=True, exist_ok=True)
-        return np.lib.format.open_memmap(d / f"{modality}.npy", mode="w+", dtype=np.dtype(dtype), shape=shape)
 
     def write_split(
         self,

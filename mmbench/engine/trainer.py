@@ -22,7 +22,6 @@ from mmbench.engine.evaluate import SplitOutputs, collect, metrics_of
 from mmbench.errors import RunFailed
 from mmbench.methods.base import METHODS, EpochContext, Method, ModelSpec, StepContext, TrainSpec
 
-SELECTIONS = ("best-val", "last", "oracle-test")
 Progress = Callable[[dict[str, Any]], None]
 
 
@@ -137,7 +136,7 @@ class Trainer:
             best = {k: tuple(v) for k, v in state["best"].items()}  # type: ignore[misc]
             start_epoch = int(state["epoch"]) + 1
 
-        concept = self._concepts(data, prepare) if cfg["metrics"]["competition"] and self.dependencies else None
+        concept = self._concepts(data, transforms) if cfg["metrics"]["competition"] and self.dependencies else None
         sel_metric = t_cfg["selection_metric"]
         wall0 = time.perf_counter()
         for epoch in range(start_epoch, epochs):
@@ -270,7 +269,7 @@ class Trainer:
             for s, v in scores.items():
                 metrics.setdefault(s, {})[f"probe_acc/{m}"] = v
 
-    def _concepts(self, data: PreparedDataset, prepare: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def _concepts(self, data: PreparedDataset, transforms: dict[str, Any]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Mono-modal concepts: pooled features of each unimodal reference run (its selected
         weights) on the val and test splits."""
         from mmbench.engine.run import load_run_config
@@ -282,16 +281,10 @@ class Trainer:
             dep.setup(self.device)
             state = ckpt.load(rdir / "model_selected.pt", self.device)
             dep.load_state_dict(state["method"])
-            feats = []
-            for s in ("val", "test"):
-                ld = self._loader(data.split(s, [m]), False, 128, 0)
+            def prep(raw: dict[str, torch.Tensor], train: bool, _m: str = m) -> Any:
+                return {_m: transforms[_m](raw[_m].to(self.device), False, None)}, raw["label"].to(self.device)
 
-                def prep(raw: dict[str, torch.Tensor], train: bool, _m: str = m) -> Any:
-                    spec = data.meta.modalities[_m]
-                    x = get_transform(spec.transform, **spec.transform_args)(raw[_m].to(self.device), False, None)
-                    return {_m: x}, raw["label"].to(self.device)
-
-                feats.append(collect(dep, ld, prep).features[m])
+            feats = [collect(dep, self._loader(data.split(s, [m]), False, 128, 0), prep).features[m] for s in ("val", "test")]
             out[m] = (feats[0], feats[1])
         return out
 

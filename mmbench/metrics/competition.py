@@ -9,7 +9,6 @@ representation from the joint one: near 0 when Z contains the concept, large whe
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 from sklearn.linear_model import Ridge
 
@@ -33,4 +32,3 @@ def competition_strength(
 
 
 __all__ = ["competition_strength", "RIDGE_ALPHA"]
-_ = np  # numpy is sklearn's currency; kept explicit for readers

@@ -1,7 +1,7 @@
 """The multimodal classifier: one encoder per modality and a fusion head."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -21,7 +21,6 @@ class ModelOutput:
     logits: torch.Tensor
     features: dict[str, torch.Tensor]
     modality_logits: dict[str, torch.Tensor] | None = None
-    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class MultimodalClassifier(nn.Module):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -284,5 +283,3 @@ def decimals(metric: str) -> int:
     return 2 if is_percent(metric) else 3
 
 
-def nan_to_none(x: float | None) -> float | None:
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x

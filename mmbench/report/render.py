@@ -18,7 +18,6 @@ from mmbench.report.aggregate import ComparisonTable, Row, decimals, is_percent,
 from mmbench.report.stats import T_MARK, W_MARK, Summary, best
 
 FORMATS = ("table", "markdown", "csv", "latex", "html")
-INTERVALS = ("std", "ci")
 
 
 def title(t: ComparisonTable) -> str:
