@@ -1,19 +1,28 @@
-# Two entry points: `make demo` and `make test`. Both create .venv on first use and
-# re-install only when pyproject.toml changed (the stamp file tracks it).
+# Two entry points: `make demo` and `make test`. Both build .venv on first use from the committed lock
+# (requirements.lock: exact versions with hashes), and re-install only when the lock or pyproject.toml
+# changed. The stamp is written only after `mmbench doctor` has loaded every native extension, so a broken
+# install is retried on the next `make`, never silently kept.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LOCK := requirements.lock
+UV_VERSION := 0.13.9
 
-.PHONY: demo test venv clean bench
+.PHONY: demo test venv clean bench lock doctor
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
+	@rm -f $(STAMP)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet --require-hashes --no-deps -r $(LOCK)
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/mmbench doctor
 	touch $(STAMP)
+
+doctor: $(STAMP)
+	$(BIN)/mmbench doctor
 
 demo: $(STAMP)
 	$(BIN)/mmbench prepare synthetic
@@ -26,5 +35,12 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/step_throughput.py
 
+# Re-lock after changing a dependency in pyproject.toml: resolves for every platform and Python >= 3.11,
+# with hashes, into requirements.lock (commit it). uv runs from its own throwaway venv.
+lock:
+	test -x .lockenv/bin/uv || ($(PYTHON) -m venv .lockenv && .lockenv/bin/pip install --quiet uv==$(UV_VERSION))
+	.lockenv/bin/uv pip compile pyproject.toml --extra test --universal --generate-hashes \
+	    --python-version 3.11 --no-header --upgrade -o $(LOCK)
+
 clean:
-	rm -rf $(VENV) data results.db runs
+	rm -rf $(VENV) .lockenv data results.db runs

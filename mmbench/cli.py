@@ -11,6 +11,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from mmbench.errors import UserError
@@ -374,6 +375,43 @@ def datasets(data_dir: Optional[Path] = typer.Option(None, "--data-dir")) -> Non
             mark = "[green]yes[/green]" if ok else "no"
             tab.add_row(name, proto + (" (default)" if proto == cls.default_protocol else ""), mark, counts, desc)
     console.print(tab)
+
+
+@app.command()
+def doctor() -> None:
+    """Check that this environment works: versions, and that each native extension really loads."""
+    from mmbench import doctor as doc
+
+    checks = doc.run_checks()
+    tab = Table(title="mmbench environment", title_justify="left")
+    for c in ("component", "status", "version", "details"):
+        tab.add_column(c, overflow="fold")
+    for c in checks:
+        facts = dict(c.facts)
+        ver = str(facts.pop("version", ""))
+        if c.name == "torch" and c.ok:
+            devs = facts.get("devices") or []
+            facts = {"CUDA build": facts.get("cuda_build") or "none (CPU build)",
+                     "CUDA devices": ", ".join(devs) if devs else "none (runs on CPU)", "threads": facts.get("threads")}
+        details = c.error if not c.ok else "; ".join(f"{k} {v}" for k, v in facts.items())
+        tab.add_row(c.name, "[green]ok[/green]" if c.ok else "[red]FAILED[/red]", escape(ver), escape(details))
+    console.print(tab)
+    lock = doc.find_lock()
+    drift = doc.lock_drift(lock)
+    if drift:
+        shown = ", ".join(f"{n} {have} (locked {want})" for n, want, have in drift[:8])
+        more = f" and {len(drift) - 8} more" if len(drift) > 8 else ""
+        console.print(f"[yellow]differs from {lock}[/yellow]: {escape(shown)}{more}; "
+                      "`rm -rf .venv && make venv` installs exactly the locked set", highlight=False)
+    elif lock is not None:
+        console.print(f"[dim]installed versions match {lock}[/dim]")
+    bad = [c for c in checks if not c.ok]
+    for c in bad:
+        err_console.print(f"[red]{c.name} does not work[/red]: {escape(c.error)}\n  what to do: {escape(doc.fix_for(c))}",
+                          highlight=False)
+    if bad:
+        raise typer.Exit(2)
+    console.print("[green]all components load and work[/green]")
 
 
 def main() -> None:
