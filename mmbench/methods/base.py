@@ -134,6 +134,7 @@ class Method(nn.Module, metaclass=ABCMeta):
     fusions: ClassVar[set[str] | None] = None  # fusions the method can serve; None = any
     fusion_reason: ClassVar[str] = ""  # why only those, for the error message
     n_modalities: ClassVar[tuple[int, int | None]] = (1, None)  # (min, max)
+    modality_reason: ClassVar[str] = ""  # why not more (or fewer) modalities, for the error message
 
     def __init__(self, spec: ModelSpec, hp: HParams, train: TrainSpec) -> None:
         super().__init__()
@@ -154,7 +155,9 @@ class Method(nn.Module, metaclass=ABCMeta):
         n = len(spec.modalities)
         if n < lo or (hi is not None and n > hi):
             want = f"{lo}" if lo == hi else f"{lo}..{hi if hi is not None else 'any'}"
-            raise UserError(f"method '{cls.name}' needs {want} modalities, the dataset gives {n} ({spec.modalities})")
+            why = f" ({cls.modality_reason})" if cls.modality_reason else ""
+            raise UserError(f"method '{cls.name}' needs {want} modalities, the dataset gives {n} "
+                            f"({', '.join(spec.modalities)}){why}")
         if cls.fusions is not None and spec.fusion not in cls.fusions:
             why = f" ({cls.fusion_reason})" if cls.fusion_reason else ""
             raise UserError(
