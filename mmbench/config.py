@@ -285,10 +285,18 @@ def expand(recipe: Recipe, where: str | None = None) -> list[dict[str, Any]]:
     runs: list[dict[str, Any]] = []
     seen: set[str] = set()
     for mi, entry in enumerate(recipe.methods):
+        # a method entry may carry its own `model:` (e.g. MLA's shared head) beside its own `train:`
+        model_over: Any = {}
+        if isinstance(entry, dict):
+            model_over = entry.get("model") or {}
+            entry = {k: v for k, v in entry.items() if k != "model"}
+        if not isinstance(model_over, dict):
+            raise UserError(f"{where}: methods[{mi}].model: expected a mapping such as {{fusion: shared}}")
         method, train_over = resolve_method(entry, f"{where}: methods[{mi}]")
         for combo in combos:
             cfg = copy.deepcopy(base)
             cfg["train"] = _deep_merge(cfg["train"], train_over)
+            cfg["model"] = _deep_merge(cfg["model"], model_over)
             cfg["method"] = dict(method)
             for k, v in zip(grid_keys, combo):
                 if k.startswith("method."):
