@@ -33,7 +33,7 @@ def prepare(
 ) -> None:
     """Raw dataset -> verified, preprocessed, fast-to-load store."""
     from mmbench.data.base import DATASETS, PrepareRequest
-    from mmbench.data.store import data_root
+    from mmbench.data.store import data_root, writable_data_dir
 
     builder = DATASETS.get(dataset)
     proto = protocol or builder.default_protocol
@@ -42,7 +42,8 @@ def prepare(
     if source is not None and not source.exists():
         raise UserError(f"--source {source}: no such file or folder")
     req = PrepareRequest(data_root(data_dir), proto, source, workers, force)
-    res = builder().prepare(req)
+    with writable_data_dir(req.data_dir):
+        res = builder().prepare(req)
     if res.skipped:
         console.print(f"[green]{dataset}/{proto} is already prepared[/green] at {res.store} (nothing to do; --force redoes it)")
         return

@@ -19,7 +19,7 @@ from rich.console import Console
 
 from mmbench import __version__
 from mmbench.config import LauncherCfg, describe_run, load_recipe
-from mmbench.data.store import is_prepared, load_meta
+from mmbench.data.store import check_store, is_prepared, load_meta
 from mmbench.engine.device import pick_device
 from mmbench.engine.run import run_dir_for, run_row
 from mmbench.env import git_sha
@@ -68,17 +68,26 @@ class SweepOutcome:
 def ensure_data(runs: list[PlannedRun], data_dir: str | None, console: Console | None) -> None:
     """Every (dataset, protocol) must be prepared; the embedded synthetic data is generated on the fly."""
     from mmbench.data.base import DATASETS, PrepareRequest
-    from mmbench.data.store import data_root
+    from mmbench.data.store import data_root, writable_data_dir
 
     for ds, proto in sorted({(r.cfg["dataset"]["name"], r.cfg["dataset"]["protocol"]) for r in runs}):
         if is_prepared(ds, proto, data_dir):
+            check_store(ds, proto, data_dir)  # a damaged store is named here, not met mid-training
             continue
         if ds == "synthetic":
             if console:
                 console.print(f"[dim]preparing synthetic/{proto} (embedded, deterministic)[/dim]")
-            DATASETS.get(ds)().prepare(PrepareRequest(data_root(data_dir), proto))
+            with writable_data_dir(data_root(data_dir)):
+                DATASETS.get(ds)().prepare(PrepareRequest(data_root(data_dir), proto))
             continue
         load_meta(ds, proto, data_dir)  # raises the UserError that says how to prepare
+
+
+def check_stores(runs: list[PlannedRun], data_dir: str | None) -> None:
+    """The dry run's share of `ensure_data`: every store already prepared is intact."""
+    for ds, proto in sorted({(r.cfg["dataset"]["name"], r.cfg["dataset"]["protocol"]) for r in runs}):
+        if is_prepared(ds, proto, data_dir):
+            check_store(ds, proto, data_dir)
 
 
 def check_methods(runs: list[PlannedRun], data_dir: str | None) -> None:
@@ -143,6 +152,7 @@ def run_sweep(opts: SweepOptions, console: Console | None = None,
     if on_plan:
         on_plan(runs)
     if opts.dry_run:
+        check_stores(runs, opts.data_dir)
         return outcome
     runs_dir = Path(opts.runs_dir or default_runs_dir()).resolve()
     launcher = build_launcher(lcfg, opts, runs_dir, recipe.name)
