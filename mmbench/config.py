@@ -282,17 +282,18 @@ def expand(recipe: Recipe, where: str | None = None) -> list[dict[str, Any]]:
         base["dataset"]["protocol"] = builder.default_protocol
     grid_keys = list(recipe.grid)
     combos = list(itertools.product(*(recipe.grid[k] for k in grid_keys))) or [()]
+    resolved = [resolve_method(entry, f"{where}: methods[{mi}]") for mi, entry in enumerate(recipe.methods)]
+    check_grid_keys(grid_keys, [m["name"] for m, _ in resolved], where)
     runs: list[dict[str, Any]] = []
     seen: set[str] = set()
-    for mi, entry in enumerate(recipe.methods):
-        method, train_over = resolve_method(entry, f"{where}: methods[{mi}]")
+    for method, train_over in resolved:
         for combo in combos:
             cfg = copy.deepcopy(base)
             cfg["train"] = _deep_merge(cfg["train"], train_over)
             cfg["method"] = dict(method)
             for k, v in zip(grid_keys, combo):
                 if k.startswith("method."):
-                    pname = k.split(".", 1)[1]
+                    pname = k.split(".")[1]
                     from mmbench.methods.base import METHODS
 
                     if pname not in METHODS.get(method["name"]).HParams.model_fields:
@@ -309,6 +310,25 @@ def expand(recipe: Recipe, where: str | None = None) -> list[dict[str, Any]]:
                     seen.add(rid)
                     runs.append(run)
     return runs
+
+
+def check_grid_keys(keys: list[str], methods: list[str], where: str) -> None:
+    """A `method.X` grid key must be a parameter of at least one of the recipe's methods (it then
+    applies to the methods that declare it). Otherwise a typo (`method.alhpa`) would silently plan
+    fewer runs: the key would apply to no method at all."""
+    from mmbench.methods.base import METHODS
+
+    params = {m: list(METHODS.get(m).HParams.model_fields) for m in dict.fromkeys(methods)}
+    for k in keys:
+        if not k.startswith("method."):
+            continue
+        pname = k.split(".")[1]
+        if not any(pname in ps for ps in params.values()):
+            valid = sorted({f"method.{p}" for ps in params.values() for p in ps})
+            raise UserError(
+                f"{where}: grid key '{k}' is not a parameter of any method in this recipe "
+                f"({', '.join(params)}); valid method keys: {', '.join(valid) or '(none: these methods have no parameters)'}"
+            )
 
 
 def validate_run(cfg: dict[str, Any], where: str) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from mmbench.engine.run import run_dir_for, run_row
 from mmbench.env import git_sha
 from mmbench.errors import UserError
 from mmbench.methods.base import METHODS, ModelSpec, TrainSpec
+from mmbench.redact import mask_credentials
 from mmbench.store import db
 from mmbench.store.tables import Sweep
 from mmbench.sweep import rundir
@@ -166,17 +167,18 @@ def run_sweep(opts: SweepOptions, console: Console | None = None,
         raise UserError(f"runs dir {runs_dir} cannot be created: {e}; pass --runs-dir") from None
 
     sid, sha = sweep_id(recipe.name, opts.recipe, opts.overrides)
-    sweep = Sweep(id=sid, name=recipe.name, recipe_path=str(opts.recipe), recipe_sha256=sha, created_at=db.now(),
-                  mmbench_version=__version__, git_sha=git_sha(), host=platform.node(),
-                  overrides_json=db.json_dumps(opts.overrides))
+    sweep = Sweep(id=sid, name=recipe.name, recipe_path=mask_credentials(str(opts.recipe)), recipe_sha256=sha,
+                  created_at=db.now(), mmbench_version=__version__, git_sha=git_sha(), host=platform.node(),
+                  overrides_json=mask_credentials(db.json_dumps(opts.overrides)))  # also in the runs dir manifest
     rundir.write_sweep_manifest(runs_dir, sweep.model_dump(mode="json"), [r.id for r in runs])
     try:
         db.upsert_sweep(engine, sweep)
         db.register_runs(engine, sid, [run_row(r.cfg, r.id, run_dir_for(runs_dir, r.id), list(r.deps.values()))
                                        for r in runs])
     except SQLAlchemyError as e:
-        raise UserError(f"cannot write to the database {opts.db_url or db.default_db_url()}: {e.__class__.__name__}: "
-                        f"{str(e).splitlines()[0]}; nothing was trained, re-run when it is writable") from None
+        raise UserError(mask_credentials(f"cannot write to the database {opts.db_url or db.default_db_url()}: "
+                                         f"{e.__class__.__name__}: {str(e).splitlines()[0]}; nothing was trained, "
+                                         "re-run when it is writable")) from None
 
     todo = runs
     if opts.max_runs is not None:
