@@ -361,7 +361,7 @@ def methods() -> None:
     for name, cls in METHODS.items():
         params = ", ".join(f"{k}=" + ("(required)" if f.is_required() else repr(f.default))
                            for k, f in cls.HParams.model_fields.items())
-        tab.add_row(name, describe(cls), params)
+        tab.add_row(name, escape(describe(cls)), escape(params))
     console.print(tab)
 
 
@@ -378,8 +378,11 @@ def datasets(data_dir: Optional[Path] = typer.Option(None, "--data-dir")) -> Non
     for name, cls in DATASETS.items():
         for proto, desc in cls.protocols.items():
             ok = is_prepared(name, proto, dd)
-            counts = "/".join(str(v) for v in load_meta(name, proto, dd).splits.values()) if ok else ""
-            mark = "[green]yes[/green]" if ok else "no"
+            try:
+                counts = "/".join(str(v) for v in load_meta(name, proto, dd).splits.values()) if ok else ""
+                mark = "[green]yes[/green]" if ok else "no"
+            except UserError:  # an unreadable meta.json: say so here, `prepare` rebuilds it
+                counts, mark = "", "[red]damaged[/red] (prepare --force)"
             tab.add_row(name, proto + (" (default)" if proto == cls.default_protocol else ""), mark, counts, desc)
     console.print(tab)
 

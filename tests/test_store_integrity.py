@@ -166,3 +166,9 @@ def test_npy_check_matches_numpy(tmp_path: Path) -> None:
     with open(tmp_path / "b.npy", "wb") as f:
         np.lib.format.write_array(f, a, version=(2, 0))
     assert _npy_problem(tmp_path / "b.npy", 3, [2, 5], "float32") is None
+
+
+def test_datasets_lists_a_damaged_store(store: Path, cli) -> None:
+    (store / "meta.json").write_text("{")
+    code, out = cli("datasets")
+    assert code == 0 and "damaged" in out, out
