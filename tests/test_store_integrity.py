@@ -51,7 +51,7 @@ def test_store_records_size_and_checksum_of_every_array(store: Path) -> None:
         for name in ("audio.npy", "visual.npy", "labels.npy", "ids.txt"):
             rec = files[f"{split}/{name}"]
             assert rec["bytes"] == (store / split / name).stat().st_size
-            assert len(rec["blake2b"]) == 32
+            assert len(rec["sha256"]) == 64
     assert verify_store(store, full=True).ok
 
 
