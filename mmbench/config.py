@@ -181,10 +181,10 @@ def set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
     cur[parts[-1]] = value
 
 
-def _format_validation(err: ValidationError, where: str) -> str:
+def _format_validation(err: ValidationError, where: str, section: str = "") -> str:
     lines = [f"{where}: invalid recipe"]
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        loc = ".".join(str(p) for p in ([section] if section else []) + list(e["loc"])) or "(top level)"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
@@ -337,13 +337,11 @@ def validate_run(cfg: dict[str, Any], where: str) -> dict[str, Any]:
     from mmbench.models.encoders import BACKBONES
     from mmbench.models.fusion import FUSIONS
 
-    try:
-        cfg["dataset"] = DatasetCfg.model_validate(cfg["dataset"]).model_dump(mode="json")
-        cfg["model"] = ModelCfg.model_validate(cfg["model"]).model_dump(mode="json")
-        cfg["train"] = TrainCfg.model_validate(cfg["train"]).model_dump(mode="json")
-        cfg["metrics"] = MetricsCfg.model_validate(cfg["metrics"]).model_dump(mode="json")
-    except ValidationError as e:
-        raise UserError(_format_validation(e, where)) from None
+    for section, schema in (("dataset", DatasetCfg), ("model", ModelCfg), ("train", TrainCfg), ("metrics", MetricsCfg)):
+        try:
+            cfg[section] = schema.model_validate(cfg[section]).model_dump(mode="json")
+        except ValidationError as e:  # named in full: the key came from a grid or a method's train override
+            raise UserError(_format_validation(e, where, section)) from None
     method, _ = resolve_method(cfg["method"], where)
     cfg["method"] = method
     if method["name"] == "unimodal":

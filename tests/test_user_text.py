@@ -28,6 +28,17 @@ def test_grid_key_typo_is_exit_2_naming_valid_keys(mm_env: Path, cli) -> None:
     assert "method.alpha" in o and "Traceback" not in out
 
 
+@pytest.mark.parametrize("grid, needle", [
+    ("{train.epoch: [1, 2]}", "train.epoch: unknown key"),
+    ("{optimizer.lr: [0.1]}", "grid key 'optimizer.lr' must start with dataset., model., train., metrics. or method."),
+    ("{method.alpha.x: [1]}", "alpha"),
+])
+def test_other_grid_key_typos_already_exit_2(mm_env: Path, cli, grid: str, needle: str) -> None:
+    r = write_recipe(mm_env / "r.yaml", methods="[ogm_ge]", extra=f"grid: {grid}\n")
+    code, out = cli("sweep", r, "--dry-run")
+    assert code == 2 and needle in norm(out) and "Traceback" not in out, out
+
+
 def test_grid_key_applies_to_the_methods_that_declare_it(tmp_path: Path) -> None:
     r = write_recipe(tmp_path / "r.yaml", methods="[joint, ogm_ge]", extra="grid: {method.alpha: [0.5, 0.8]}\n")
     rec, _ = load_recipe(r)
