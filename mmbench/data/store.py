@@ -320,7 +320,9 @@ def writable_data_dir(root: Path) -> Iterator[None]:
     except OSError as e:
         if e.errno not in NOT_WRITABLE:
             raise
-        where = e.filename or root
+        where = Path(e.filename) if e.filename else root
+        if not str(where.absolute()).startswith(str(root.absolute())):  # e.g. an unreadable --source file
+            raise UserError(f"{where}: {e.strerror or e}; check that this path exists and can be read") from None
         raise UserError(f"cannot write the prepared store under {root}: {where}: {e.strerror or e}. "
                         "Pass --data-dir (or set MMBENCH_DATA) to a folder you can write to") from None
 
