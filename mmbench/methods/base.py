@@ -74,10 +74,21 @@ class StepContext:
     step: int  # 0-based within the epoch
     steps_per_epoch: int
     num_epochs: int
+    tags: torch.Tensor | None = None  # per-sample tags of a method's TrainPlan (None without a plan)
 
     @property
     def global_step(self) -> int:
         return self.epoch * self.steps_per_epoch + self.step
+
+
+@dataclass
+class TrainPlan:
+    """The training set of one epoch, when a method re-samples it (modality valuation): which stored
+    train items to use, repeats allowed, and a small integer tag per entry that reaches the method's
+    step as `StepContext.tags` (e.g. which modality to drop for that copy). Shuffled like the plain set."""
+
+    indices: list[int]
+    tags: list[int]
 
 
 @dataclass
@@ -246,6 +257,10 @@ class Method(nn.Module, metaclass=ABCMeta):
     def on_epoch_start(self, ctx: EpochContext) -> dict[str, float]:
         return {}
 
+    def train_plan(self) -> TrainPlan | None:
+        """This epoch's training set, if the method re-samples it (asked after `on_epoch_start`)."""
+        return None
+
     def on_epoch_end(self, ctx: EpochContext) -> dict[str, float]:
         return {}
 
@@ -275,6 +290,6 @@ def register_method(cls: type[Method]) -> type[Method]:
 
 
 __all__ = [
-    "EpochContext", "Field", "HParams", "METHODS", "Method", "ModelSpec", "StepContext", "TrainSpec",
+    "EpochContext", "Field", "HParams", "METHODS", "Method", "ModelSpec", "StepContext", "TrainPlan", "TrainSpec",
     "register_method", "search_space",
 ]
