@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 
 from mmbench.errors import UserError
-from mmbench.methods.agm import agm_coefficients, clamped_scores, conditional_clip, head_weights, modulated_logits
+from mmbench.methods.agm import (
+    agm_coefficients, clamped_scores, clip_order, conditional_clip, head_weights, modulated_logits,
+)
 from mmbench.methods.base import METHODS, ModelSpec, StepContext, TrainSpec
 
 SHAPES = {"audio": [1, 8, 8], "visual": [2, 3, 8, 8]}
@@ -210,6 +212,16 @@ def test_loss_is_exact_at_every_coefficient(k: float) -> None:
     err_a, err_v, exact = response_grad_errors(modulated_logits, k)
     assert exact
     assert err_a < 1e-6 and err_v < 1e-6, (err_a, err_v)
+
+
+def test_clip_sums_norms_in_the_official_parameter_order():
+    """The official model registers its fusion head before the encoders; the global norm's sum
+    follows that order, so the clip is bitwise the official one (1 ulp apart otherwise)."""
+    m = make()
+    order = clip_order(m.model)
+    fusion = list(m.model.fusion.parameters())
+    assert order[: len(fusion)] == fusion
+    assert len(order) == len(list(m.model.parameters())) and {id(p) for p in order} == {id(p) for p in m.model.parameters()}
 
 
 def test_the_old_detach_form_fails_the_precision_test_at_large_k() -> None:

@@ -137,6 +137,14 @@ def head_weights(fusion: Fusion) -> list[torch.Tensor]:
     return [linears[-1].weight] if linears else []
 
 
+def clip_order(model: nn.Module) -> list[torch.Tensor]:
+    """Parameters in the official model's order (fusion head first, then the encoders): the global
+    norm sums per-tensor norms in this order, so the clip matches the official one bit for bit."""
+    head = list(model.fusion.parameters())  # type: ignore[union-attr]
+    seen = {id(p) for p in head}
+    return head + [p for p in model.parameters() if id(p) not in seen]
+
+
 def conditional_clip(watched: list[torch.Tensor], params: list[torch.Tensor], limit: float) -> bool:
     """AGM's clip: only when some element of a watched gradient lies outside [-limit, limit],
     clip the global gradient norm of all parameters to `limit`. Returns whether it fired."""
@@ -209,7 +217,7 @@ class AGM(Method):
         loss = F.cross_entropy(modulated_logits([resp[m] for m in mods], scales), labels)
         self.backward(loss)
         self.unscale()
-        clipped = conditional_clip(head_weights(self.model.fusion), list(self.model.parameters()), hp.grad_clip)
+        clipped = conditional_clip(head_weights(self.model.fusion), clip_order(self.model), hp.grad_clip)
         self.optimizer_step()
 
         logs: dict[str, Any] = {"loss": loss.detach(), "clipped": float(clipped)}
