@@ -144,3 +144,18 @@ def test_feature_backbone_on_image_modalities_is_refused_before_training(mm_env:
     assert code == 2, out
     assert "1-D feature modalities only" in out
     assert not (mm_env / "runs").exists() or not any((mm_env / "runs").rglob("checkpoint.pt"))
+
+
+@pytest.mark.parametrize("fusion", ["film", "gated"])
+def test_two_modality_fusions_are_refused_for_three_before_training(fusion: str) -> None:
+    from mmbench.methods.base import METHODS, ModelSpec
+
+    shapes = {"audio": [1, 16, 16], "visual": [2, 3, 16, 16], "text": [8, 16]}
+    cls = METHODS.get("joint")
+    with pytest.raises(UserError, match=f"fusion '{fusion}' needs exactly two modalities.*concat or sum"):
+        cls.check(ModelSpec("tiny", fusion, shapes, 6), cls.HParams())
+    cls.check(ModelSpec("tiny", fusion, {k: shapes[k] for k in ("audio", "visual")}, 6), cls.HParams())
+    uni = METHODS.get("unimodal")  # one modality: the fusion does not apply
+    uni.check(ModelSpec("tiny", fusion, shapes, 6), uni.HParams(modality="text"))
+    with pytest.raises(UserError, match="1-D feature modalities only"):
+        uni.check(ModelSpec("mlp", "concat", shapes, 6), uni.HParams(modality="audio"))
