@@ -293,6 +293,7 @@ def report(
     fmt: str = typer.Option("table", "--format", help="table | markdown | csv | latex | html"),
     plot: Optional[str] = typer.Option(None, "--plot", help="curves | bar: write a figure to --output"),
     output: Optional[Path] = typer.Option(None, "--output", help="write to this file instead of the terminal"),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="YAML of published numbers: adds a gap table per dataset"),
     db: Optional[str] = typer.Option(None, "--db"),
 ) -> None:
     """Comparison tables and figures from the results database (works while a sweep still runs)."""
@@ -307,6 +308,13 @@ def report(
     if split not in ("test", "val"):
         raise UserError(f"--split {split}: choose test or val")
     interval = "ci" if ci else "std"
+    ref = None
+    if reference is not None:
+        from mmbench.report import reference as refmod
+
+        if plot is not None or fmt not in refmod.REFERENCE_FORMATS:
+            raise UserError(f"--reference adds a table: use it with --format {', '.join(refmod.REFERENCE_FORMATS)}, without --plot")
+        ref = refmod.load_reference(reference)
     if plot is not None:
         from mmbench.report import plots
 
@@ -325,17 +333,24 @@ def report(
         return
     engine = get_engine(db, create=False)
     tables = do_compare(engine, sweep, dataset, selection, metric, split, baseline)
+    gaps = refmod.gap_tables(tables, ref) if ref is not None else []
     if fmt == "table" and output is None:
         for t in tables:
             console.print(to_rich(t, interval))
+        for g in gaps:
+            console.print(refmod.to_rich(g))
         return
     if fmt == "table":
         text_console = Console(record=True, width=200, file=open(os.devnull, "w"))
         for t in tables:
             text_console.print(to_rich(t, interval))
+        for g in gaps:
+            text_console.print(refmod.to_rich(g))
         text = text_console.export_text()
     else:
         text = render_text(tables, fmt, interval)
+        if gaps:
+            text += "\n" + (refmod.to_csv(gaps) if fmt == "csv" else "\n".join(refmod.to_markdown(g) for g in gaps))
     if output is not None:
         try:
             output.parent.mkdir(parents=True, exist_ok=True)

@@ -39,6 +39,11 @@ class DatasetBuilder(ABC):
     default_protocol: ClassVar[str] = "default"
     modalities: ClassVar[tuple[str, ...]] = ("audio", "visual")
 
+    @classmethod
+    def modalities_of(cls, protocol: str) -> tuple[str, ...]:
+        """The modalities a protocol gives before it is prepared (a protocol may add one)."""
+        return cls.modalities
+
     @abstractmethod
     def prepare(self, req: PrepareRequest) -> PrepareResult:
         """Build (or find up to date) the store of `req.protocol`; idempotent and resumable."""

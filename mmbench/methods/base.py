@@ -19,7 +19,8 @@ from torch import nn
 
 from mmbench.errors import UserError
 from mmbench.models.classifier import ModelOutput, build_classifier
-from mmbench.models.fusion import Fusion
+from mmbench.models.encoders import check_backbone
+from mmbench.models.fusion import Fusion, check_fusion
 from mmbench.registry import Registry
 
 
@@ -169,6 +170,9 @@ class Method(nn.Module, metaclass=ABCMeta):
             why = f" ({cls.modality_reason})" if cls.modality_reason else ""
             raise UserError(f"method '{cls.name}' needs {want} modalities, the dataset gives {n} "
                             f"({', '.join(spec.modalities)}){why}")
+        check_backbone(spec.backbone, spec.input_shapes)
+        if n > 1:
+            check_fusion(spec.fusion, spec.modalities)
         if cls.fusions is not None and spec.fusion not in cls.fusions:
             why = f" ({cls.fusion_reason})" if cls.fusion_reason else ""
             raise UserError(

@@ -12,6 +12,10 @@ less with what the other has learnt. Prediction averages the classifiers' softma
 Each stage restarts from the best state so far with a fresh optimizer and scheduler. The repo
 picks that state on the test set (fused macro-F1); here it is picked on the validation split, by
 the same metric, and kept in the method's state so a resumed run restarts from the same weights.
+
+More than two modalities, as the authors' three-modality code (IJCAI25-IGM@19aa8e5,
+`train_nvGesture.py`: depth -> rgb -> of -> depth ...): stages cycle through the modalities in
+order and each stage's projections come from the modality of the stage before.
 """
 from __future__ import annotations
 

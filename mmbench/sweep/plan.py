@@ -23,7 +23,7 @@ class PlannedRun:
 def dataset_modalities(name: str, protocol: str, data_dir: str | None) -> list[str]:
     if is_prepared(name, protocol, data_dir):
         return list(load_meta(name, protocol, data_dir).modalities)
-    return list(DATASETS.get(name).modalities)
+    return list(DATASETS.get(name).modalities_of(protocol))
 
 
 def unimodal_reference(cfg: dict[str, Any], modality: str) -> dict[str, Any]:
