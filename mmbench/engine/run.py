@@ -84,7 +84,7 @@ def execute(
         "id": rid,
         "started_at": started.isoformat(),
         "device": _device_name(device),
-        "environment": environment(),
+        "environment": {**environment(), "threads": torch.get_num_threads()},
     }
     try:
         res = Trainer(cfg, rdir, device, data_dir, workers, progress, dependencies or {}).fit()

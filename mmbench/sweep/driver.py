@@ -12,6 +12,7 @@ job) are waited for, everything else is (re)started and resumes from its last ch
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,7 @@ class DriveResult:
     in_flight: list[str] = field(default_factory=list)  # still queued or training (--no-wait)
     waiting: list[str] = field(default_factory=list)  # not submitted: dependencies unfinished (--no-wait)
     db_errors: dict[str, str] = field(default_factory=dict)  # finished, but not (yet) in the database
+    by_other: list[str] = field(default_factory=list)  # finished while we waited, trained by another process
 
 
 @dataclass
@@ -66,6 +68,7 @@ class Driver:
         self._rows: dict[str, TaskID] = {}
         self.prog: Progress | None = None
         self.overall: TaskID | None = None
+        self.token = f"{os.getpid()}-{time.time_ns()}"  # in the status.json of each run this driver trains
 
     # ----- helpers ------------------------------------------------------------------------------
     def rdir(self, rid: str) -> Path:
@@ -219,7 +222,7 @@ class Driver:
             atomic_write_json(rdir / "config.json", r.cfg)
         d = self.defaults
         return Task(rid=rid, run_dir=str(rdir), cfg=r.cfg, device=d.device, data_dir=d.data_dir, workers=d.workers,
-                    deps={m: str(self.rdir(did)) for m, did in r.deps.items()})
+                    deps={m: str(self.rdir(did)) for m, did in r.deps.items()}, driver=self.token)
 
     # ----- progress -------------------------------------------------------------------------
     def _mark_running(self, rid: str, st: dict[str, Any] | None = None) -> None:
@@ -286,11 +289,13 @@ class Driver:
         self._drop_row(rid)
         if s.get("status") == "completed":
             self.state[rid] = "completed"
-            self.result.completed.append(rid)
+            other = rundir.read_status(rdir).get("trained_by") != self.token
+            (self.result.by_other if other else self.result.completed).append(rid)
             sel = s.get("selection", "best-val")
             acc = (s.get("finals", {}).get(sel, {}).get("test", {}) or {}).get("acc")
             extra = f" test acc {100 * acc:.2f} % ({sel})" if acc is not None else ""
-            self.print(f"[green]done[/green] {self.label(rid)} [dim]{rid}[/dim]{extra}")
+            who = " (trained by another process)" if other else ""
+            self.print(f"[green]done[/green] {self.label(rid)} [dim]{rid}[/dim]{extra}{who}")
             self._advance()
         else:
             self._failed(rid, str(s.get("error") or "failed"), recorded=True)
