@@ -63,16 +63,27 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version, is
     """Experiment runner for balanced multimodal learning."""
 
 
-@app.command()
+def _prepare_help() -> str:
+    from mmbench.data.layouts import SOURCE_LAYOUTS, SPLIT_LISTS
+
+    lines = ["Raw dataset -> verified, preprocessed, fast-to-load store.", "",
+             "--source DIR uses raw files you already have instead of downloading; accepted layouts:", ""]
+    lines += [f"{name}: {text}" for name, text in SOURCE_LAYOUTS.items()]
+    return "\n\n".join(lines[:3]) + "\n\n" + "\n\n".join(lines[4:]) + f"\n\n({SPLIT_LISTS})"
+
+
+@app.command(help=_prepare_help())
 def prepare(
     dataset: str = typer.Argument(..., help="dataset name (see `mmbench datasets`)"),
-    source: Optional[Path] = typer.Option(None, "--source", help="use raw files you already have (the dataset's own layout)"),
+    source: Optional[Path] = typer.Option(None, "--source", help="use raw files you already have (layouts: see above)"),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_HELP),
     protocol: Optional[str] = typer.Option(None, "--protocol", help="preprocessing protocol (default: the dataset's)"),
     workers: int = typer.Option(max(1, (os.cpu_count() or 2) // 2), "--workers", min=1, help="parallel decoding workers"),
     force: bool = typer.Option(False, "--force", help="redo even if an up-to-date store exists"),
+    no_verify: bool = typer.Option(False, "--no-verify", help="keep files whose checksum differs from the canonical "
+                                   "one (re-encoded or resampled copies): counted and recorded, the store and every "
+                                   "run on it marked unverified"),
 ) -> None:
-    """Raw dataset -> verified, preprocessed, fast-to-load store."""
     from mmbench.data.base import DATASETS, PrepareRequest
     from mmbench.data.store import data_root
 
@@ -82,7 +93,7 @@ def prepare(
         raise UserError(f"unknown protocol '{proto}' for dataset '{dataset}'; choose one of: {', '.join(builder.protocols)}")
     if source is not None and not source.exists():
         raise UserError(f"--source {source}: no such file or folder")
-    req = PrepareRequest(data_root(data_dir), proto, source, workers, force)
+    req = PrepareRequest(data_root(data_dir), proto, source, workers, force, {"verify": False} if no_verify else {})
     res = builder().prepare(req)
     if res.skipped:
         console.print(f"[green]{dataset}/{proto} is already prepared[/green] at {res.store} (nothing to do; --force redoes it)")
@@ -103,10 +114,18 @@ def _print_prepare_report(dataset: str, proto: str, store: Path, rep: dict) -> N
         stored = c.get("stored", c.get("found", 0) - c.get("corrupt", 0))
         tab.add_row(split, *(str(c.get(k, "")) for k in cols[:-1]), str(stored), why)
     console.print(tab)
-    bad = len(rep.get("missing", [])) + len(rep.get("corrupt", []))
-    if bad:
-        console.print(f"[yellow]{bad} listed items are not in the store[/yellow] (ids and reasons: "
-                      f"\"missing\" and \"corrupt\" in the report); runs record the stored counts")
+    from mmbench.data.pipeline import reason_lines
+
+    out = rep.get("missing", []) + rep.get("corrupt", [])
+    if out:
+        console.print(f"[yellow]{len(out)} listed items are not in the store[/yellow] (all of them: \"missing\" and "
+                      f"\"corrupt\" in the report); runs record the stored counts", highlight=False)
+        console.print(escape("\n".join(reason_lines(out))), highlight=False)
+    if rep.get("verified") is False:
+        console.print(f"[yellow]unverified:[/yellow] {rep.get('checksum_mismatches')} stored items differ from the "
+                      "canonical files (--no-verify); the store and every run trained on it are marked unverified",
+                      highlight=False)
+        console.print(escape("\n".join(reason_lines(rep.get("unverified", [])))), highlight=False)
     prm = rep.get("params", {})
     a, v = prm.get("audio", {}), prm.get("visual", {})
     if a or v:

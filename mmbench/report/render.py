@@ -18,6 +18,7 @@ from mmbench.report.aggregate import ComparisonTable, Row, decimals, is_percent,
 from mmbench.report.stats import T_MARK, W_MARK, Summary, best
 
 FORMATS = ("table", "markdown", "csv", "latex", "html")
+UNVERIFIED_MARK = "(unverified data)"  # after a method: some of its runs trained on data prepared with --no-verify
 
 
 def title(t: ComparisonTable) -> str:
@@ -40,6 +41,9 @@ def legend(t: ComparisonTable, interval: str = "std", with_n: bool = True) -> st
                      f"{W_MARK} Wilcoxon signed-rank p < 0.05")
     if t.has_cost:
         parts.append(f"cost: training time per epoch relative to {t.cost_reference}")
+    if any(r.unverified for r in t.rows):
+        parts.append(f"{UNVERIFIED_MARK}: trained on data prepared with --no-verify whose files differ from the "
+                     "canonical ones (not comparable to published numbers)")
     return "; ".join(parts)
 
 
@@ -86,7 +90,7 @@ def cost_text(row: Row) -> str:
 
 
 def _label(row: Row) -> str:
-    return row.method + (" (baseline)" if row.is_baseline else "")
+    return row.method + (" (baseline)" if row.is_baseline else "") + (f" {UNVERIFIED_MARK}" if row.unverified else "")
 
 
 def to_rich(t: ComparisonTable, interval: str = "std") -> Table:
@@ -133,7 +137,7 @@ def to_csv(tables: list[ComparisonTable]) -> str:
     columns keep their original order, so scripts reading them by position still work."""
     buf = io.StringIO()
     buf.write("dataset,protocol,selection,method,setting,metric,mean,std,n,split,label,ci95_low,ci95_high,"
-              "baseline,diff,p_ttest,p_wilcoxon,best,epoch_seconds,rel_cost\n")
+              "baseline,diff,p_ttest,p_wilcoxon,best,epoch_seconds,rel_cost,unverified_runs\n")
 
     def q(s: str) -> str:
         return '"' + s.replace('"', '""') + '"'
@@ -151,7 +155,7 @@ def to_csv(tables: list[ComparisonTable]) -> str:
                     _g(s.mean), _g(s.std), str(s.n), t.split, q(row.label), _g(s.ci_low), _g(s.ci_high),
                     q(t.baseline or ""), _g(p.diff if p else None), _g(p.p_ttest if p else None),
                     _g(p.p_wilcoxon if p else None), "1" if i in bests[c] else "0", _g(row.epoch_seconds),
-                    _g(row.rel_cost),
+                    _g(row.rel_cost), str(row.unverified),
                 ]) + "\n")
     return buf.getvalue()
 
