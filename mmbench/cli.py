@@ -345,7 +345,7 @@ def runs_cmd(
     if not rows:
         console.print(f"no {what}")
         return
-    console.print(runs_table(rows, f"{len(rows)} {what}"))
+    console.print(runs_table(rows, f"{len(rows)} {what}", width=console.width))
 
 
 @app.command()
@@ -394,7 +394,7 @@ def report(
     tables = do_compare(engine, sweep, dataset, selection, metric, split, baseline)
     if fmt == "table" and output is None:
         for t in tables:
-            console.print(to_rich(t, interval))
+            console.print(to_rich(t, interval, width=console.width, droppable=not metric))
         return
     if fmt == "table":
         text_console = Console(record=True, width=200, file=open(os.devnull, "w"))
@@ -435,16 +435,33 @@ def datasets(data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DA
     from mmbench.data.store import is_prepared, load_meta
 
     dd = str(data_dir) if data_dir else None
-    tab = Table(title="datasets", title_justify="left")
-    for c in ("name", "protocol", "prepared", "train/val/test", "description"):
-        tab.add_column(c)
+    narrow = console.width < 120
+    tab = Table(title="datasets", title_justify="left",
+                caption="*: default protocol; unverified: prepared with --no-verify from files that differ from the "
+                        "canonical ones" if narrow else None, caption_justify="left")
+    cols = ("dataset/protocol", "prepared", "description") if narrow else \
+        ("name", "protocol", "prepared", "train/val/test", "description")
+    for c in cols:
+        tab.add_column(c, overflow="fold", **({"no_wrap": True} if c == "dataset/protocol" else {}))
     for name, cls in DATASETS.items():
         for proto, desc in cls.protocols.items():
             ok = is_prepared(name, proto, dd)
             counts = "/".join(str(v) for v in load_meta(name, proto, dd).splits.values()) if ok else ""
-            mark = "[green]yes[/green]" if ok else "no"
-            tab.add_row(name, proto + (" (default)" if proto == cls.default_protocol else ""), mark, counts, desc)
+            mark = ("[green]yes[/green]" + (" [yellow]unverified[/yellow]" if _unverified_store(name, proto, dd) else "")
+                    if ok else "no")
+            default = proto == cls.default_protocol
+            if narrow:
+                tab.add_row(f"{name}/{proto}" + ("*" if default else ""), mark + (f"\n{counts}" if counts else ""),
+                            escape(desc))
+            else:
+                tab.add_row(name, proto + (" (default)" if default else ""), mark, counts, escape(desc))
     console.print(tab)
+
+
+def _unverified_store(dataset: str, protocol: str, data_dir: Optional[str]) -> bool:
+    from mmbench.engine.run import data_verification
+
+    return data_verification(dataset, protocol, data_dir).get("verified") is False
 
 
 @app.command()

@@ -371,6 +371,26 @@ def resolve_for_training(method: dict[str, Any], train: dict[str, Any], where: s
     return {"name": method["name"], **hp.model_dump(mode="json")}
 
 
+def short_label(cfg: dict[str, Any]) -> str:
+    """A label that fits a terminal line: the method with only the parameters that differ from its
+    defaults, and the seed (progress bars and `done` lines; the full label is in describe_run)."""
+    from mmbench.methods.base import METHODS
+
+    m = cfg["method"]
+    try:
+        fields = METHODS.get(m["name"]).HParams.model_fields
+    except Exception:  # noqa: BLE001 - an unknown method (an old database) keeps its full label
+        fields = {}
+    parts = []
+    for k, v in m.items():
+        f = fields.get(k)
+        if k == "name" or (k != "modality" and f is not None and not f.is_required()
+                           and f.get_default(call_default_factory=True) == v):  # which modality is never implied
+            continue
+        parts.append(f"{k}={json.dumps(v, separators=(',', ':')) if isinstance(v, (list, dict)) else v}")
+    return m["name"] + (f"({','.join(parts)})" if parts else "") + f" s{cfg['seed']}"
+
+
 def describe_run(cfg: dict[str, Any]) -> str:
     """Short human label: method(+params) fusion seed."""
     m = cfg["method"]

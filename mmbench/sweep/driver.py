@@ -19,11 +19,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from rich.console import Console
+from rich.markup import escape
+from rich.table import Column
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from mmbench.config import describe_run
+from mmbench.config import describe_run, short_label
 from mmbench.data.store import atomic_write_json
 from mmbench.engine.run import ingest_run_dir, load_summary
 from mmbench.store import db
@@ -77,6 +79,10 @@ class Driver:
     def label(self, rid: str) -> str:
         return describe_run(self.runs[rid].cfg)
 
+    def short(self, rid: str) -> str:
+        """What a progress row or a `done` line shows: fits an 80-column terminal."""
+        return short_label(self.runs[rid].cfg)
+
     def print(self, msg: str) -> None:
         (self.prog.console if self.prog else self.console).print(msg, highlight=False)
 
@@ -102,8 +108,14 @@ class Driver:
 
     # ----- the loop ---------------------------------------------------------------------------
     def run(self) -> DriveResult:
-        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      TextColumn("{task.fields[info]}"), console=self.console, transient=False) as prog:
+        # the label column is capped and the bar shrinks, so a long method label never pushes the bar
+        # off an 80-column line; per-run info (step, val acc) comes last and is cut first
+        with Progress(TextColumn("[bold]{task.description}", table_column=Column(max_width=32, no_wrap=True,
+                                                                                 overflow="ellipsis")),
+                      BarColumn(bar_width=None, table_column=Column(min_width=8, max_width=30)), MofNCompleteColumn(),
+                      TimeElapsedColumn(),
+                      TextColumn("{task.fields[info]}", table_column=Column(no_wrap=True, overflow="ellipsis")),
+                      console=self.console, transient=False, expand=False) as prog:
             self.prog = prog
             self.overall = prog.add_task("runs", total=len(self.order), info="")
             if hasattr(self.launcher, "on_event"):
@@ -234,7 +246,7 @@ class Driver:
                  run_dir=str(self.rdir(rid)), **({"device": st["device"]} if st.get("device") else {}))
         if self.prog is not None and len(self._rows) < MAX_ROWS:
             total = int(self.runs[rid].cfg["train"]["epochs"])
-            self._rows[rid] = self.prog.add_task(self.label(rid), total=total, info="")
+            self._rows[rid] = self.prog.add_task(escape(self.short(rid)), total=total, info="")
 
     def _show(self, rid: str, st: dict[str, Any]) -> None:
         if st.get("status") != "running":
@@ -246,7 +258,8 @@ class Driver:
             self._db(rid, db.set_status, self.engine, rid, "running", epochs_done=done)
         row = self._rows.get(rid)
         if row is not None and self.prog is not None:
-            info = " ".join(f"{k}={st[k]:.3f}" for k in ("val_acc", "imbalance_ratio") if st.get(k) is not None)
+            info = " ".join(f"{name} {st[k]:.3f}" for k, name in (("val_acc", "val acc"), ("imbalance_ratio", "imb"))
+                            if st.get(k) is not None)
             if st.get("step") and st.get("steps"):
                 info = f"step {st['step']}/{st['steps']} " + info
             self.prog.update(row, completed=done, total=st.get("epochs_total") or None, info=info)
@@ -293,9 +306,9 @@ class Driver:
             (self.result.by_other if other else self.result.completed).append(rid)
             sel = s.get("selection", "best-val")
             acc = (s.get("finals", {}).get(sel, {}).get("test", {}) or {}).get("acc")
-            extra = f" test acc {100 * acc:.2f} % ({sel})" if acc is not None else ""
+            extra = (f" test acc {100 * acc:.2f} %" + ("" if sel == "best-val" else f" ({sel})")) if acc is not None else ""
             who = " (trained by another process)" if other else ""
-            self.print(f"[green]done[/green] {self.label(rid)} [dim]{rid}[/dim]{extra}{who}")
+            self.print(f"[green]done[/green] {escape(self.short(rid))} [dim]{rid}[/dim]{extra}{who}")
             self._advance()
         else:
             self._failed(rid, str(s.get("error") or "failed"), recorded=True)
