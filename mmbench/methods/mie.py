@@ -1,4 +1,4 @@
-"""`mie`: Modal-aware Interactive Enhancement (Jiang, Chi & Yang, 2024; METHODS.md §4), as
+"""`mie`: Modal-aware Interactive Enhancement (Jiang, Chi & Yang, 2024; docs/methods/mie.md), as
 implemented by the authors' IGM code.
 
 No fusion layer: one encoder and one MLP classifier per modality, trained in alternating

@@ -1,4 +1,4 @@
-"""`relearn`: Diagnosing & Re-learning (Wei, Li, Feng & Hu, ECCV 2024; METHODS.md §3).
+"""`relearn`: Diagnosing & Re-learning (Wei, Li, Feng & Hu, ECCV 2024; docs/methods/relearn.md).
 
 Training is plain joint training. Every `reinit_epoch` epochs (at most `reinit_num` times) each
 modality's learning state is diagnosed from how well k-means recovers the classes in its pooled
