@@ -49,6 +49,14 @@ def test_quickstart_shortened_passes_dry_run_or_says_why(mm_env: Path, cli):
     assert code == 2 and "relearn" in out and "never re-initialises" in out
 
 
+def test_dry_run_says_which_data_is_not_prepared(mm_env: Path, cli):
+    r = write_recipe(mm_env / "r.yaml")
+    r.write_text(r.read_text().replace("{name: synthetic, protocol: tiny}", "{name: avmnist, protocol: tiny}"))
+    code, out = cli("sweep", r, "--dry-run")
+    assert code == 0, out
+    assert "avmnist/tiny is not prepared yet" in out and "mmbench prepare avmnist --protocol tiny" in out
+
+
 # ---- MIE: a stage schedule that scales with train.epochs ---------------------------------------
 @pytest.mark.parametrize("props,epochs,want", [
     ([2, 3, 2, 3], 10, [2, 3, 2, 3]),  # already the right length: unchanged

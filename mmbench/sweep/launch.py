@@ -199,6 +199,10 @@ def run_sweep(opts: SweepOptions, console: Console | None = None,
         check_methods(runs, opts.data_dir, dry_run=True)
         if on_plan:
             on_plan(runs)
+        for ds, proto in sorted({(r.cfg["dataset"]["name"], r.cfg["dataset"]["protocol"]) for r in runs}):
+            if ds != "synthetic" and not is_prepared(ds, proto, opts.data_dir):  # synthetic is generated on the fly
+                console.print(f"[yellow]{ds}/{proto} is not prepared yet[/yellow]: the sweep needs "
+                              f"`mmbench prepare {ds} --protocol {proto}` first", highlight=False)
         return outcome
     if on_plan:
         on_plan(runs)
