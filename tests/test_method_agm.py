@@ -1,4 +1,4 @@
-"""AGM (METHODS.md §1): Shapley responses, forward count and modes, coefficients, gradient
+"""AGM (docs/methods/agm.md): Shapley responses, forward count and modes, coefficients, gradient
 scaling, conditional clip, window, resumable running means."""
 from __future__ import annotations
 

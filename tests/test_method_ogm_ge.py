@@ -1,4 +1,4 @@
-"""OGM / OGM-GE (METHODS.md §5): coefficient, which gradients change, noise scale, window."""
+"""OGM / OGM-GE (docs/methods/ogm_ge.md): coefficient, which gradients change, noise scale, window."""
 from __future__ import annotations
 
 import copy

@@ -17,6 +17,7 @@ class PrepareRequest:
     workers: int = 1
     force: bool = False
     options: dict[str, Any] = field(default_factory=dict)
+    used: dict[str, str] = field(default_factory=dict)  # local files read, name -> path (for the report)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""`agm`: Adaptive Gradient Modulation (Li et al., ICCV 2023; METHODS.md §1).
+"""`agm`: Adaptive Gradient Modulation (Li et al., ICCV 2023; docs/methods/agm.md).
 
 The fused prediction is split into per-modality "mono-modal responses" by an exact Shapley
 decomposition over zeroed inputs, so AGM works with any fusion. Each response's gradient path is

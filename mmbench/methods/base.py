@@ -181,6 +181,13 @@ class Method(nn.Module, metaclass=ABCMeta):
             )
 
     @classmethod
+    def resolve(cls, hp: HParams, train: TrainSpec) -> HParams:
+        """Parameters given relative to the training settings (e.g. a stage schedule that scales with
+        train.epochs) -> absolute ones. Called when a recipe is expanded, so the run's config records
+        what will run, and `--dry-run` sees it."""
+        return hp
+
+    @classmethod
     def check_train(cls, train: TrainSpec, hp: HParams) -> None:
         """Raise UserError if the training settings do not fit the method's parameters (e.g. a staged
         schedule that must span train.epochs); called before any training, like `check`."""

@@ -1,5 +1,5 @@
 """`ogm_ge`: On-the-fly Gradient Modulation with Generalisation Enhancement (Peng, Wei et al.,
-CVPR 2022; METHODS.md §5).
+CVPR 2022; docs/methods/ogm_ge.md).
 
 After the ordinary backward on the fused cross-entropy, the conv-kernel gradients of the
 modality that currently fits the batch better are shrunk by k = 1 - tanh(alpha * rho), where rho

@@ -1,6 +1,6 @@
 """Modality encoders: input tensor -> pooled feature (B, D).
 
-ResNet18 as every method repo uses it (METHODS.md §5 "Backbones"): BasicBlock [2,2,2,2], widths
+ResNet18 as every method repo uses it (docs/README.md "Backbones"): BasicBlock [2,2,2,2], widths
 64-128-256-512, no pretraining, no avgpool/fc inside; audio conv1 takes 1 channel, visual frames
 are folded into the batch and pooled over time and space together. `tiny` is a 3-layer CNN with
 the same input/output contract for CPU runs and tests.

@@ -60,6 +60,6 @@ def sweep_id(name: str, recipe_path: Path, overrides: list[str] | None) -> tuple
     """(sweep id, recipe sha256): one sweep row per name + recipe content + overrides. Launcher
     overrides are left out: where the runs train does not make it another sweep."""
     sha = hashlib.sha256(Path(recipe_path).read_bytes()).hexdigest()
-    kept = sorted(o for o in overrides or [] if not o.strip().startswith("launcher."))
+    kept = sorted(o for o in overrides or [] if not o.strip().startswith(("launcher.", "train.threads=")))
     sid = hashlib.sha256(canonical_json([name, sha, kept]).encode()).hexdigest()[:12]
     return sid, sha
