@@ -141,7 +141,7 @@ class Synthetic(DatasetBuilder):
     """Procedural audio+visual(+text) data with a controllable imbalance; no download (the default)."""
 
     name = "synthetic"
-    description = "procedural audio+visual data with a controllable imbalance; no download (the default)"
+    description = "procedural audio+visual(+text) data with a controllable imbalance; no download (the default)"
     protocols = {
         "default": "6 classes, 1200/480/480; audio easy but 75% informative, visual harder, fully informative",
         "tiny": "the default in miniature (360/120/120, 16x16), for tests",
