@@ -18,12 +18,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from mmbench.config import describe_run
 from mmbench.data.store import atomic_write_json
+from mmbench.engine import checkpoint as ckpt
+from mmbench.engine.checkpoint import DiskFull
 from mmbench.engine.run import ingest_run_dir, load_summary
 from mmbench.store import db
 from mmbench.sweep import rundir
@@ -66,6 +69,8 @@ class Driver:
         self._rows: dict[str, TaskID] = {}
         self.prog: Progress | None = None
         self.overall: TaskID | None = None
+        self.fatal: DiskFull | None = None  # stops the sweep: nothing new starts, in-flight runs end
+        self._warned: dict[str, int] = {}  # warnings of a run already printed
 
     # ----- helpers ------------------------------------------------------------------------------
     def rdir(self, rid: str) -> Path:
@@ -110,7 +115,7 @@ class Driver:
                 while True:
                     self._poll()
                     self._fail_blocked()
-                    started = self._start_ready()
+                    started = self._start_ready() if self.fatal is None else 0
                     self._overall()
                     if not self.wait:
                         break  # submitted what can go now; a later `mmbench sweep` collects the rest
@@ -120,13 +125,33 @@ class Driver:
                         time.sleep(self.launcher.poll_seconds)
             except KeyboardInterrupt:
                 self.launcher.close(cancel=True)
+                self._interrupted()
                 raise
             self.launcher.close(cancel=False)
+        if self.fatal is not None:
+            raise self.fatal
         self.result.in_flight = [r for r in self.order if self.state[r] == "inflight"]
         self.result.waiting = [r for r in self.order if self.state[r] == "pending"]
         return self.result
 
+    def _interrupted(self) -> None:
+        """Ctrl-C: the runs this driver was training go back to `pending` (they resume from their
+        last checkpoint), so the database never shows a run as running that nothing trains."""
+        for rid in self.order:
+            if self.state.get(rid) == "inflight" and rid in self._running and load_summary(self.rdir(rid)) is None:
+                self._db(rid, db.set_status, self.engine, rid, "pending",
+                         error=f"interrupted after {self._epochs.get(rid, 0)} epoch(s); re-run the sweep to resume")
+
+    def _check_checkpoints(self) -> None:
+        """Before anything runs: a checkpoint that could run code when loaded stops the sweep (exit 2)."""
+        for rid in self.order:
+            if rundir.lock_held(self.rdir(rid)):
+                continue
+            for name in ("checkpoint.pt", "checkpoint.prev.pt", "model_selected.pt"):
+                ckpt.verify(self.rdir(rid) / name)
+
     def _collect(self) -> None:
+        self._check_checkpoints()
         for rid in self.order:
             rdir = self.rdir(rid)
             s = load_summary(rdir)
@@ -234,6 +259,8 @@ class Driver:
             self._rows[rid] = self.prog.add_task(self.label(rid), total=total, info="")
 
     def _show(self, rid: str, st: dict[str, Any]) -> None:
+        for w in (st.get("warnings") or [])[self._warned.get(rid, 0):]:
+            self._warn(rid, w)
         if st.get("status") != "running":
             return
         self._mark_running(rid, st)
@@ -250,13 +277,19 @@ class Driver:
 
     def _on_event(self, rid: str, ev: dict[str, Any]) -> None:
         """Progress of a run trained in this process (inline launcher)."""
-        if ev["event"] == "epoch":
+        if ev["event"] == "warning":
+            self._warn(rid, ev["message"])
+        elif ev["event"] == "epoch":
             val = ev["metrics"].get("val", {})
             self._show(rid, {"status": "running", "epochs_done": ev["epoch"], "epochs_total": ev["epochs"],
                              "val_acc": val.get("acc"), "imbalance_ratio": val.get("imbalance_ratio")})
         else:
             self._show(rid, {"status": "running", "epochs_done": self._epochs.get(rid, 0), "epochs_total": ev["epochs"],
                              "step": ev["step"], "steps": ev["steps"]})
+
+    def _warn(self, rid: str, message: str) -> None:
+        self._warned[rid] = self._warned.get(rid, 0) + 1
+        self.print(f"[yellow]warning[/yellow] {escape(self.label(rid))} [dim]{rid}[/dim]: {escape(message)}")
 
     def _overall(self) -> None:
         running = sum(1 for r in self.handles if r in self._running)
@@ -276,6 +309,9 @@ class Driver:
     def _finish(self, rid: str, h: Handle) -> None:
         rdir = self.rdir(rid)
         s = load_summary(rdir)
+        full = (s or {}).get("disk_full") or getattr(h, "disk_full", None)
+        if full and self.fatal is None:
+            self.fatal = DiskFull(full)
         if s is None:
             if rundir.lock_held(rdir):  # another process trains it (a second driver): wait for that one
                 self.handles[rid] = LockHandle(rid, rdir)

@@ -69,7 +69,8 @@ class RunLock:
         self.path = Path(rdir) / ".lock"
         self._fh: IO[str] | None = None
 
-    def acquire(self) -> bool:
+    def acquire(self, record: bool = True) -> bool:
+        """Take the lock if free; `record`: write this process's pid/host into it (not for a probe)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fh = open(self.path, "a+")
         try:
@@ -78,6 +79,15 @@ class RunLock:
             fh.close()
             return False
         self._fh = fh
+        if not record:
+            return True
+        try:  # who holds it, so `mmbench runs` can tell a live run from one whose process was killed
+            fh.seek(0)
+            fh.truncate()
+            fh.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "start": process_start(os.getpid())}))
+            fh.flush()
+        except OSError:
+            pass  # a full disk: the lock itself still holds
         return True
 
     def release(self) -> None:
@@ -92,10 +102,39 @@ def lock_held(rdir: Path) -> bool:
     if not (Path(rdir) / ".lock").exists():
         return False
     probe = RunLock(rdir)
-    if probe.acquire():
+    if probe.acquire(record=False):
         probe.release()
         return False
     return True
+
+
+def process_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux), which tells a process from a
+    later one that reuses its pid; None where /proc is absent."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def owner_gone(rdir: Path) -> dict[str, Any] | None:
+    """The last process that trained this run (pid, host) if it is known to be dead: it ran on this
+    machine and its pid is gone or belongs to a newer process. None: alive, unknown or elsewhere."""
+    owner = read_json(Path(rdir) / ".lock")
+    if not owner or owner.get("host") != socket.gethostname() or not isinstance(owner.get("pid"), int):
+        return None
+    pid = owner["pid"]
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return owner
+    except PermissionError:
+        pass  # alive, another user's
+    start = process_start(pid)
+    if owner.get("start") is not None and start is not None and start != owner["start"]:
+        return owner
+    return None
 
 
 def write_sweep_manifest(runs_dir: Path, sweep: dict[str, Any], run_ids: list[str]) -> None:
