@@ -260,7 +260,7 @@ def ingest(
 @app.command("runs")
 def runs_cmd(
     sweep: Optional[str] = typer.Option(None, "--sweep", help="only runs of this sweep (by name)"),
-    status: Optional[str] = typer.Option(None, "--status", help="pending | running | completed | failed"),
+    status: Optional[str] = typer.Option(None, "--status", help="pending | running | completed | failed | interrupted (running, but its process is gone)"),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="only this dataset"),
     db: Optional[str] = typer.Option(None, "--db"),
 ) -> None:

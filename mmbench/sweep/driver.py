@@ -316,7 +316,7 @@ class Driver:
             if rundir.lock_held(rdir):  # another process trains it (a second driver): wait for that one
                 self.handles[rid] = LockHandle(rid, rdir)
                 return
-            self._failed(rid, h.ended_why())
+            self._failed(rid, str(DiskFull(full)) if full else h.ended_why())
             return
         self._ingest(rid)
         self._drop_row(rid)

@@ -144,16 +144,6 @@ def release_forkserver() -> None:
         fs._forkserver_alive_fd = None
 
 
-def pid_alive(pid: int, start: str | None) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return start is None or rundir.process_start(pid) in (None, start)
-
-
 def watch_driver(driver_pid: int, driver_start: str | None, every: float = 1.0) -> None:
     """Fallback where the parent-death signal cannot work (not Linux, or a forkserver that outlives
     the driver): a daemon thread that SIGKILLs this worker once its driver or its parent is gone."""
@@ -162,7 +152,7 @@ def watch_driver(driver_pid: int, driver_start: str | None, every: float = 1.0) 
     def loop() -> None:
         while True:
             time.sleep(every)
-            if os.getppid() != parent or not pid_alive(driver_pid, driver_start):
+            if os.getppid() != parent or not rundir.pid_alive(driver_pid, driver_start):
                 os.kill(os.getpid(), signal.SIGKILL)
 
     threading.Thread(target=loop, name="mmbench-driver-watchdog", daemon=True).start()

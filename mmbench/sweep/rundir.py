@@ -108,14 +108,35 @@ def lock_held(rdir: Path) -> bool:
     return True
 
 
+def _proc_stat(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (Linux); None where absent."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 def process_start(pid: int) -> str | None:
     """The process's start time in clock ticks since boot (Linux), which tells a process from a
     later one that reuses its pid; None where /proc is absent."""
+    st = _proc_stat(pid)
+    return st[19] if st and len(st) > 19 else None
+
+
+def pid_alive(pid: int, start: str | None = None) -> bool:
+    """Whether `pid` is a live process (not a zombie), and the same one that started at `start`."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, another user's
+    st = _proc_stat(pid)
+    if st is None:
+        return True  # no /proc: the signal probe is all there is
+    if st[0] == "Z":  # exited, waiting for a parent (often none, after a killed driver) to reap it
+        return False
+    return start is None or len(st) <= 19 or st[19] == start
 
 
 def owner_gone(rdir: Path) -> dict[str, Any] | None:
@@ -124,17 +145,7 @@ def owner_gone(rdir: Path) -> dict[str, Any] | None:
     owner = read_json(Path(rdir) / ".lock")
     if not owner or owner.get("host") != socket.gethostname() or not isinstance(owner.get("pid"), int):
         return None
-    pid = owner["pid"]
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return owner
-    except PermissionError:
-        pass  # alive, another user's
-    start = process_start(pid)
-    if owner.get("start") is not None and start is not None and start != owner["start"]:
-        return owner
-    return None
+    return None if pid_alive(owner["pid"], owner.get("start")) else owner
 
 
 def write_sweep_manifest(runs_dir: Path, sweep: dict[str, Any], run_ids: list[str]) -> None:
