@@ -119,8 +119,9 @@ def load(path: Path, device: torch.device | str = "cpu") -> Any:
 
 
 def _first_line(e: BaseException) -> str:
+    """The gist of a loader's error: its first sentence (torch's go on for lines)."""
     s = str(e).strip()
-    return s.splitlines()[0] if s else ""
+    return s.splitlines()[0].split(". ")[0].rstrip(".") if s else ""
 
 
 def verify(path: Path) -> None:

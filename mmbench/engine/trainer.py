@@ -259,19 +259,22 @@ class Trainer:
         """The newest readable checkpoint: `checkpoint.pt`, else the one before it, else None (from
         scratch), with a warning naming the damaged file. An unsafe file is refused, never skipped."""
         prev = ckpt.prev_path(ck_path)
-        for i, p in enumerate((ck_path, prev)):
+        damaged: list[str] = []
+        for p in (ck_path, prev):
             if not p.is_file():
                 continue
             try:
                 state = ckpt.load(p, self.device)
             except ckpt.CorruptCheckpoint as e:
-                if i == 0:  # out of the way, so that the next save does not keep it as the "previous" one
-                    os.replace(p, p.with_name(f"{p.stem}.damaged{p.suffix}"))
-                self.warn(f"checkpoint {e}; " + ("trying the previous one" if i == 0 and prev.is_file() else "training from scratch"))
+                aside = p.with_name(f"{p.stem}.damaged{p.suffix}")
+                os.replace(p, aside)  # out of the way: the next save must not keep it as the previous one
+                damaged.append(f"checkpoint {e} (moved to {aside.name})")
                 continue
-            if i == 1:
-                self.warn(f"resuming from the previous checkpoint {p} (epoch {int(state['epoch']) + 1})")
+            if p == prev:
+                self.warn("; ".join(damaged + [f"resuming from the previous checkpoint {p} ({int(state['epoch']) + 1} epoch(s) done)"]))
             return state
+        if damaged:
+            self.warn("; ".join(damaged + ["training from scratch"]))
         return None
 
     @staticmethod

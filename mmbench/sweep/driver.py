@@ -143,12 +143,17 @@ class Driver:
                          error=f"interrupted after {self._epochs.get(rid, 0)} epoch(s); re-run the sweep to resume")
 
     def _check_checkpoints(self) -> None:
-        """Before anything runs: a checkpoint that could run code when loaded stops the sweep (exit 2)."""
+        """Before anything runs: a checkpoint this sweep would load (to resume a run, or a reference
+        run's selected weights) that could run code when loaded stops the sweep (exit 2)."""
+        deps = {d for r in self.runs.values() for d in r.deps.values()}
         for rid in self.order:
-            if rundir.lock_held(self.rdir(rid)):
+            rdir = self.rdir(rid)
+            if rundir.lock_held(rdir):
                 continue
-            for name in ("checkpoint.pt", "checkpoint.prev.pt", "model_selected.pt"):
-                ckpt.verify(self.rdir(rid) / name)
+            done = (load_summary(rdir) or {}).get("status") == "completed"
+            names = ([] if done else ["checkpoint.pt", "checkpoint.prev.pt"]) + (["model_selected.pt"] if rid in deps or not done else [])
+            for name in names:
+                ckpt.verify(rdir / name)
 
     def _collect(self) -> None:
         self._check_checkpoints()
