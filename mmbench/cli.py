@@ -437,6 +437,13 @@ def main() -> None:
     except DiskFull as e:  # not bad input, and not a bug: the run is resumable once there is space
         err_console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
         sys.exit(1)
+    except OSError as e:
+        import errno
+
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        err_console.print(f"[red]error:[/red] {escape(str(DiskFull(e.filename or os.getcwd())))}", highlight=False)
+        sys.exit(1)
     except typer.Exit as e:
         if e.exit_code == INTERRUPTED:
             _interrupted()

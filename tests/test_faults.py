@@ -334,3 +334,21 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"  # a zombie has stopped; only its exit status is left
+
+
+def test_a_worker_process_on_a_full_disk_exits_74_naming_its_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--jobs N: the worker can only tell its driver by its exit code (and a summary, if it fits)."""
+    from mmbench.sweep import local, worker
+
+    def full(task, on_event=None):
+        raise DiskFull(tmp_path / "checkpoint.pt")
+
+    monkeypatch.setattr(worker.Task, "load", classmethod(lambda cls, rdir: None))
+    monkeypatch.setattr(worker, "train_task", full)
+    assert worker.main([str(tmp_path)]) == worker.EXIT_DISK_FULL
+
+    class Proc:
+        exitcode, pid = worker.EXIT_DISK_FULL, 1
+
+    h = local.ProcessHandle("r", Proc(), 0, tmp_path / "worker.log")  # type: ignore[arg-type]
+    assert h.disk_full == str(tmp_path)
