@@ -106,11 +106,12 @@ def load(path: Path, device: torch.device | str = "cpu") -> Any:
     except pickle.UnpicklingError as e:
         if "Weights only load failed" not in str(e):
             raise CorruptCheckpoint(f"{path} is damaged ({_first_line(e)})") from e
-        what = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln or "Unsupported" in ln), "")
+        what = next((ln.strip().rstrip(".") for ln in str(e).splitlines() if "GLOBAL" in ln or "Unsupported" in ln), "")
         raise UnsafeCheckpoint(
             f"refusing to load {path}: it holds pickled objects, not only tensors and plain values, and loading it "
-            f"could run code ({what or 'see torch.load weights_only'}). mmbench never writes such a file; if it came "
-            f"from elsewhere do not trust it: delete it (the run then starts from scratch) or the run directory"
+            f"could run code ({what or 'see torch.load weights_only'}). mmbench no longer writes such files (an older "
+            f"version stored numpy RNG state this way); do not trust it: delete it (the run then starts from scratch) "
+            f"or the whole run directory"
         ) from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError) as e:
         if isinstance(e, OSError) and e.errno not in (errno.EINVAL, None):

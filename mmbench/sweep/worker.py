@@ -94,7 +94,8 @@ def train_task(task: Task, on_event: Callable[[dict[str, Any]], None] | None = N
 
         def progress(ev: dict[str, Any]) -> None:
             if ev["event"] == "warning":
-                print(f"warning: {ev['message']}", file=sys.stderr, flush=True)
+                if on_event is None:  # a worker process: into its worker.log (in the driver, the driver says it)
+                    print(f"warning: {ev['message']}", file=sys.stderr, flush=True)
                 seen = rundir.read_status(rdir).get("warnings") or []
                 rundir.write_status(rdir, warnings=[*seen, ev["message"]])
             elif ev["event"] == "epoch":
