@@ -217,8 +217,11 @@ def test_disk_full_stops_the_sweep_cleanly_and_the_run_resumes(mm_env: Path, cli
     (err,) = q(db, f"select error from run where id = '{rdir.name}'")[0]
     assert "disk full" in err
 
+    stale = rdir / ".checkpoint.pt.tmp424242"  # as a process killed mid-write would leave it
+    stale.write_bytes(b"PK half")
     code, out = cli("sweep", r)
     assert code == 0 and "2 trained" in " ".join(out.split()), out
+    assert not stale.exists()
     assert q(db, "select count(*) from run where status = 'completed'") == [(2,)]
     assert [h["epoch"] for h in json.loads((rdir / "summary.json").read_text())["history"]] == [0, 1, 2]
 
@@ -295,6 +298,8 @@ def test_kill_9_of_the_driver_takes_forkserver_and_workers_with_it(mm_env: Path,
     assert code == 0 and out.count("interrupted") == 2 and " running " not in out, out
     code, out = cli("runs", "--status", "running")
     assert code == 0 and "no running runs" in out, out
+    code, out = cli("runs", "--status", "interrupted")
+    assert code == 0 and "2 interrupted runs" in out and "re-run the sweep to resume" in " ".join(out.split()), out
     # a re-run sees free locks and whole checkpoints: nothing half-written to adopt
     from mmbench.sweep import rundir
 

@@ -28,8 +28,7 @@ def shown_status(r: Run) -> tuple[str, str | None]:
     owner = owner_gone(Path(r.run_dir))
     if owner is None:
         return r.status, r.error
-    return "interrupted", (f"its process (pid {owner.get('pid')} on {owner.get('host')}) is gone; "
-                           "re-run the sweep to resume from its last checkpoint")
+    return "interrupted", f"pid {owner.get('pid')} on {owner.get('host')} is gone; re-run the sweep to resume"
 
 
 def list_runs(engine: Engine, sweep: str | None = None, status: str | None = None, dataset: str | None = None) -> list[Run]:
