@@ -8,7 +8,10 @@ stay in its directory and `mmbench ingest` (or the next `mmbench sweep`) writes 
 
 On start it first collects what earlier drivers left: completed runs not yet in the database are
 ingested, runs still training (their lock is held) or still queued (their `job.json` names a live
-job) are waited for, everything else is (re)started and resumes from its last checkpoint.
+job) are waited for, everything else is (re)started and resumes from its last checkpoint. Before
+that, every checkpoint it would load is checked to hold only tensors and plain values (a run
+directory may come from elsewhere: exit 2, nothing runs). A full disk stops the sweep (exit 1): no
+new run starts, the run is left resumable. Ctrl-C puts the runs it was training back to `pending`.
 """
 from __future__ import annotations
 

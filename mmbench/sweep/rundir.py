@@ -2,7 +2,8 @@
 
 A worker (local process, submitit job on a cluster node) writes only here: `task.json` (what to
 run, written by the driver), `status.json` (progress, rewritten atomically each epoch), `.lock`
-(held while training, so two processes never train one run), `job.json` (which scheduler job
+(held while training, so two processes never train one run; it names its last holder's pid and
+host, so a `running` row whose process was killed shows as interrupted), `job.json` (which scheduler job
 trains it, so a later driver adopts a queued job instead of submitting it twice) and, from the
 engine, `config.json`, checkpoints and `summary.json`. Nothing here needs the database, so a node
 that cannot reach it loses nothing: the driver (or `mmbench ingest`) reads these files later.
