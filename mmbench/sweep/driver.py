@@ -142,8 +142,9 @@ class Driver:
         last checkpoint), so the database never shows a run as running that nothing trains."""
         for rid in self.order:
             if self.state.get(rid) == "inflight" and rid in self._running and load_summary(self.rdir(rid)) is None:
-                self._db(rid, db.set_status, self.engine, rid, "pending",
-                         error=f"interrupted after {self._epochs.get(rid, 0)} epoch(s); re-run the sweep to resume")
+                done = max(self._epochs.get(rid, 0), int(rundir.read_status(self.rdir(rid)).get("epochs_done") or 0))
+                self._db(rid, db.set_status, self.engine, rid, "pending", epochs_done=done,
+                         error=f"interrupted after {done} epoch(s); re-run the sweep to resume")
 
     def _check_checkpoints(self) -> None:
         """Before anything runs: a checkpoint this sweep would load (to resume a run, or a reference
