@@ -332,7 +332,7 @@ def ingest(
 @app.command("runs")
 def runs_cmd(
     sweep: Optional[str] = typer.Option(None, "--sweep", help="only runs of this sweep (by name)"),
-    status: Optional[str] = typer.Option(None, "--status", help="pending | running | completed | failed"),
+    status: Optional[str] = typer.Option(None, "--status", help="pending | running | completed | failed | interrupted (running, but its process is gone)"),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="only this dataset"),
     db: Optional[str] = typer.Option(None, "--db", help=DB_HELP),
 ) -> None:
@@ -526,19 +526,42 @@ def doctor() -> None:
     console.print("[green]all components load and work[/green]")
 
 
+INTERRUPTED = 130  # Typer turns Ctrl-C into Exit(130) before main() sees the KeyboardInterrupt
+
+
+def _interrupted() -> None:
+    err_console.print("interrupted; re-run the same command to resume", highlight=False, markup=False)
+    sys.exit(INTERRUPTED)
+
+
 def main() -> None:
+    from mmbench.errors import DiskFull
+
     try:
         rc = app(standalone_mode=False)  # returns the code of a typer.Exit instead of raising it
+        if rc == INTERRUPTED:
+            _interrupted()
         if isinstance(rc, int) and rc != 0:
             sys.exit(rc)
     except UserError as e:
         err_console.print(f"[red]error:[/red] {plain(e)}", highlight=False)
         sys.exit(2)
+    except DiskFull as e:  # not bad input, and not a bug: the run is resumable once there is space
+        err_console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
+        sys.exit(1)
+    except OSError as e:
+        import errno
+
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        err_console.print(f"[red]error:[/red] {escape(str(DiskFull(e.filename or os.getcwd())))}", highlight=False)
+        sys.exit(1)
     except typer.Exit as e:
+        if e.exit_code == INTERRUPTED:
+            _interrupted()
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        err_console.print("interrupted; re-run the same command to resume")
-        sys.exit(130)
+        _interrupted()
     except Exception as e:  # usage errors from the CLI parser
         from typer.exceptions import Abort, TyperException
 

@@ -39,9 +39,12 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
 
 
 def rng_state() -> dict[str, object]:
+    """Every generator's state as tensors and plain values (checkpoints load with weights_only=True)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state: dict[str, object] = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": random.getstate(),  # (version, tuple of ints, None or float)
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)},
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -50,8 +53,19 @@ def rng_state() -> dict[str, object]:
 
 
 def set_rng_state(state: dict[str, object]) -> None:
-    random.setstate(state["python"])  # type: ignore[arg-type]
-    np.random.set_state(state["numpy"])  # type: ignore[arg-type]
-    torch.set_rng_state(state["torch"])  # type: ignore[arg-type]
+    """Restore rng_state(); the tensors may have been loaded onto a GPU (map_location), the
+    generators take CPU tensors."""
+    random.setstate(_tuples(state["python"]))  # type: ignore[arg-type]
+    n = state["numpy"]
+    if isinstance(n, dict):
+        np.random.set_state((n["kind"], n["keys"].cpu().numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    else:
+        np.random.set_state(n)  # type: ignore[arg-type]
+    torch.set_rng_state(state["torch"].cpu())  # type: ignore[union-attr]
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])  # type: ignore[arg-type]
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])  # type: ignore[union-attr]
+
+
+def _tuples(x: object) -> object:
+    """random.setstate wants tuples all the way down."""
+    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x

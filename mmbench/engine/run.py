@@ -18,6 +18,7 @@ from sqlalchemy.engine import Engine
 
 from mmbench.config import describe_run
 from mmbench.data.store import atomic_write_json
+from mmbench.engine.checkpoint import DiskFull, is_disk_full
 from mmbench.engine.trainer import Progress, Trainer
 from mmbench.env import environment
 from mmbench.errors import RunFailed, UserError
@@ -84,15 +85,28 @@ def execute(
 ) -> dict[str, Any]:
     """Train (or resume) one run and write its summary.json. Returns the summary.
 
-    A UserError (bad data, unsupported combination) propagates: it is not the run's fault.
-    Any other exception becomes a `failed` summary with the error.
+    A UserError (bad data, unsupported combination, an unsafe checkpoint) propagates: it is not the
+    run's fault. A full disk raises DiskFull once the run is left resumable (it stops the sweep: the
+    next run would fail the same way). Any other exception becomes a `failed` summary with the error.
     """
     rdir = run_dir_for(runs_dir, rid)
-    rdir.mkdir(parents=True, exist_ok=True)
-    if not (rdir / "config.json").is_file():
-        atomic_write_json(rdir / "config.json", cfg)
-    started = db.now()
-    atomic_write_json(rdir / "status.json", {"status": "running", "started_at": started.isoformat(), "device": str(device)})
+    try:
+        return _execute(cfg, rid, rdir, device, data_dir, workers, progress, dependencies)
+    except DiskFull as e:
+        _give_up_disk_full(rdir, rid, e)
+        raise
+
+
+def _execute(cfg: dict[str, Any], rid: str, rdir: Path, device: torch.device, data_dir: str | None, workers: int | None,
+             progress: Progress | None, dependencies: dict[str, Path] | None) -> dict[str, Any]:
+    try:
+        rdir.mkdir(parents=True, exist_ok=True)
+        if not (rdir / "config.json").is_file():
+            atomic_write_json(rdir / "config.json", cfg)
+        started = db.now()
+        atomic_write_json(rdir / "status.json", {"status": "running", "started_at": started.isoformat(), "device": str(device)})
+    except OSError as e:
+        raise as_disk_full(e, rdir) from e
     t0 = time.perf_counter()
     summary: dict[str, Any] = {
         "id": rid,
@@ -101,15 +115,18 @@ def execute(
         "environment": {**environment(), "threads": torch.get_num_threads(),
                         "data": data_verification(cfg["dataset"]["name"], cfg["dataset"]["protocol"], data_dir)},
     }
+    trainer = Trainer(cfg, rdir, device, data_dir, workers, progress, dependencies or {})
     try:
-        res = Trainer(cfg, rdir, device, data_dir, workers, progress, dependencies or {}).fit()
-    except UserError:
+        res = trainer.fit()
+    except (UserError, DiskFull):
         raise
     except (RunFailed, Exception) as e:  # noqa: BLE001 - a run's crash must not stop the sweep
+        if is_disk_full(e):
+            raise as_disk_full(e, rdir) from e
         msg = str(e) if isinstance(e, RunFailed) else f"{e.__class__.__name__}: {e}"
         summary.update(status="failed", error=msg, traceback=traceback.format_exc(), finished_at=db.now().isoformat(),
-                       wall_seconds=time.perf_counter() - t0)
-        atomic_write_json(rdir / "summary.json", summary)
+                       wall_seconds=time.perf_counter() - t0, warnings=trainer.warnings)
+        _write_summary(rdir, summary)
         return summary
     summary.update(
         status="completed",
@@ -123,9 +140,49 @@ def execute(
         describe=res.describe,
         history=res.history,
         finals=res.finals,
+        warnings=trainer.warnings,
     )
-    atomic_write_json(rdir / "summary.json", summary)
+    _write_summary(rdir, summary)
     return summary
+
+
+def _write_summary(rdir: Path, summary: dict[str, Any]) -> None:
+    try:
+        atomic_write_json(rdir / "summary.json", summary)
+    except OSError as e:
+        raise as_disk_full(e, rdir / "summary.json") from e
+
+
+def as_disk_full(e: OSError, where: Path) -> BaseException:
+    """A full disk becomes DiskFull naming the file; any other OSError stays what it is."""
+    if not is_disk_full(e):
+        return e
+    return DiskFull(getattr(e, "filename", None) or where)
+
+
+def remove_temp_files(rdir: Path, pid: int | None = None) -> list[Path]:
+    """The temporary files of interrupted atomic writes (`.NAME.tmpPID`) in a run directory: those
+    of `pid`, or all of them (only while holding the run's lock, when no other writer exists)."""
+    gone = []
+    for f in Path(rdir).glob(".*.tmp*"):
+        if pid is None or f.name.endswith(f".tmp{pid}"):
+            f.unlink(missing_ok=True)
+            gone.append(f)
+    return gone
+
+
+def _give_up_disk_full(rdir: Path, rid: str, e: DiskFull) -> None:
+    """Leave the run resumable: no temporary files, its checkpoints as they were, and a failed
+    summary if there is room for one (a re-run deletes it and resumes from the last checkpoint)."""
+    import os
+
+    remove_temp_files(rdir, os.getpid())
+    now = db.now().isoformat()
+    try:
+        atomic_write_json(rdir / "summary.json", {"id": rid, "status": "failed", "error": str(e), "disk_full": e.path,
+                                                  "started_at": now, "finished_at": now})
+    except OSError:
+        remove_temp_files(rdir, os.getpid())
 
 
 def _device_name(device: torch.device) -> str:

@@ -46,6 +46,7 @@ class Trainer:
     workers: int | None = None  # data-loader workers; None: 4 on a GPU (keep it fed), 0 on a CPU
     progress: Progress | None = None
     dependencies: dict[str, Path] = field(default_factory=dict)  # modality -> unimodal run dir
+    warnings: list[str] = field(default_factory=list)
 
     # ---------------------------------------------------------------------------------------
     def build_method(self, data: PreparedDataset) -> Method:
@@ -122,8 +123,8 @@ class Trainer:
         best: dict[str, tuple[float, int]] = {}
         start_epoch = 0
         ck_path = self.run_dir / "checkpoint.pt"
-        if ck_path.is_file():
-            state = ckpt.load(ck_path, self.device)
+        state = self._resume_state(ck_path)
+        if state is not None:
             method.load_extra_state(state["extra"])
             method.load_state_dict(state["method"])
             if method.optimizer is not None and state.get("optimizer") is not None:
@@ -224,10 +225,12 @@ class Trainer:
                     "best": best,
                 },
                 ck_path,
+                keep_prev=True,
             )
             if self.progress:
                 self.progress({"event": "epoch", "epoch": epoch + 1, "epochs": epochs, "metrics": metrics})
 
+        ckpt.prev_path(ck_path).unlink(missing_ok=True)  # finished: the fallback for a damaged checkpoint is not needed
         selected = {
             "best-val": best["best-val"][1] if "best-val" in best else history[-1]["epoch"],
             "last": history[-1]["epoch"],
@@ -253,6 +256,34 @@ class Trainer:
         )
 
     # ---------------------------------------------------------------------------------------
+    def warn(self, message: str) -> None:
+        """Something the user must know that does not stop the run (recorded in summary.json too)."""
+        self.warnings.append(message)
+        if self.progress:
+            self.progress({"event": "warning", "message": message})
+
+    def _resume_state(self, ck_path: Path) -> dict[str, Any] | None:
+        """The newest readable checkpoint: `checkpoint.pt`, else the one before it, else None (from
+        scratch), with a warning naming the damaged file. An unsafe file is refused, never skipped."""
+        prev = ckpt.prev_path(ck_path)
+        damaged: list[str] = []
+        for p in (ck_path, prev):
+            if not p.is_file():
+                continue
+            try:
+                state = ckpt.load(p, self.device)
+            except ckpt.CorruptCheckpoint as e:
+                aside = p.with_name(f"{p.stem}.damaged{p.suffix}")
+                os.replace(p, aside)  # out of the way: the next save must not keep it as the previous one
+                damaged.append(f"checkpoint {e} (moved to {aside.name})")
+                continue
+            if p == prev:
+                self.warn("; ".join(damaged + [f"resuming from the previous checkpoint {p} ({int(state['epoch']) + 1} epoch(s) done)"]))
+            return state
+        if damaged:
+            self.warn("; ".join(damaged + ["training from scratch"]))
+        return None
+
     @staticmethod
     def _update_best(best: dict[str, tuple[float, int]], h: dict[str, Any], metric: str) -> set[str]:
         improved = set()

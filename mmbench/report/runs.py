@@ -15,8 +15,22 @@ from mmbench.redact import mask_credentials
 from mmbench.store import db
 from mmbench.store.tables import Run, Sweep
 
-STATUSES = ("pending", "running", "completed", "failed")
-STYLE = {"completed": "green", "failed": "red", "running": "yellow", "pending": "dim"}
+STATUSES = ("pending", "running", "completed", "failed", "interrupted")
+STYLE = {"completed": "green", "failed": "red", "running": "yellow", "pending": "dim", "interrupted": "magenta"}
+
+
+def shown_status(r: Run) -> tuple[str, str | None]:
+    """(status, error) as shown: a `running` row whose training process is dead (killed with its
+    driver, a machine rebooted) is `interrupted`, with how to resume, not left `running` forever.
+    The database keeps `running` (only a sweep changes rows); the run's lock names its last owner."""
+    if r.status != "running" or not r.run_dir:
+        return r.status, r.error
+    from mmbench.sweep.rundir import owner_gone
+
+    owner = owner_gone(Path(r.run_dir))
+    if owner is None:
+        return r.status, r.error
+    return "interrupted", f"pid {owner.get('pid')} on {owner.get('host')} is gone; re-run the sweep to resume"
 
 
 def list_runs(engine: Engine, sweep: str | None = None, status: str | None = None, dataset: str | None = None) -> list[Run]:
@@ -27,7 +41,10 @@ def list_runs(engine: Engine, sweep: str | None = None, status: str | None = Non
             known = sorted(set(s.exec(select(Sweep.name)).all()))
         if sweep not in known:
             raise UserError(f"no sweep named '{sweep}' in the database; known: {', '.join(known) or '(none)'}")
-    return db.runs_of(engine, sweep, dataset, status)
+    rows = db.runs_of(engine, sweep, dataset, "running" if status == "interrupted" else status)
+    if status in ("running", "interrupted"):
+        rows = [r for r in rows if shown_status(r)[0] == status]
+    return rows
 
 
 def progress(r: Run) -> str:
@@ -57,12 +74,13 @@ def runs_table(runs: list[Run], title: str, error_width: int = 60, width: int | 
                   ("run dir", {"overflow": "fold"})):
         tab.add_column(c, **kw)
     for r in runs:
-        err = (r.error or "").splitlines()[0] if r.error else ""
+        status, error = shown_status(r)
+        err = (error or "").splitlines()[0] if error else ""
         if len(err) > error_width:
             err = err[: error_width - 1] + "…"
-        style = STYLE.get(r.status, "")
+        style = STYLE.get(status, "")
         tab.add_row(r.id, escape(f"{r.label or r.method} {r.backbone}/{r.fusion}"), escape(f"{r.dataset}/{r.protocol}"),
-                    str(r.seed), f"[{style}]{r.status}[/{style}]" if style else escape(r.status), progress(r),
+                    str(r.seed), f"[{style}]{status}[/{style}]" if style else escape(status), progress(r),
                     "" if r.wall_seconds is None else f"{r.wall_seconds:.0f}", escape(mask_credentials(err)),
                     escape(short_path(r.run_dir)))
     return tab
@@ -95,10 +113,12 @@ def _narrow_table(runs: list[Run], title: str, width: int) -> Table:
     tab.add_column("epochs", justify="right", no_wrap=True)
     tab.add_column("error", overflow="fold", ratio=1)
     for r in runs:
-        err = (r.error or "").splitlines()[0] if r.error else ""
+        status, error = shown_status(r)
+        err = (error or "").splitlines()[0] if error else ""
         err = err if len(err) <= 120 else err[:119] + "…"
-        style = STYLE.get(r.status, "")
-        row = [r.id, escape(_short(r))] + ([] if one else [f"{r.dataset}/{r.protocol}"])
-        row += [str(r.seed), f"[{style}]{r.status}[/{style}]" if style else r.status, progress(r), escape(err)]
+        style = STYLE.get(status, "")
+        row = [r.id, escape(_short(r))] + ([] if one else [escape(f"{r.dataset}/{r.protocol}")])
+        row += [str(r.seed), f"[{style}]{status}[/{style}]" if style else escape(status), progress(r),
+                escape(mask_credentials(err))]
         tab.add_row(*row)
     return tab

@@ -8,7 +8,10 @@ stay in its directory and `mmbench ingest` (or the next `mmbench sweep`) writes 
 
 On start it first collects what earlier drivers left: completed runs not yet in the database are
 ingested, runs still training (their lock is held) or still queued (their `job.json` names a live
-job) are waited for, everything else is (re)started and resumes from its last checkpoint.
+job) are waited for, everything else is (re)started and resumes from its last checkpoint. Before
+that, every checkpoint it would load is checked to hold only tensors and plain values (a run
+directory may come from elsewhere: exit 2, nothing runs). A full disk stops the sweep (exit 1): no
+new run starts, the run is left resumable. Ctrl-C puts the runs it was training back to `pending`.
 """
 from __future__ import annotations
 
@@ -27,6 +30,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from mmbench.config import describe_run, short_label
 from mmbench.data.store import atomic_write_json
+from mmbench.engine import checkpoint as ckpt
+from mmbench.engine.checkpoint import DiskFull
 from mmbench.engine.run import ingest_run_dir, load_summary
 from mmbench.redact import plain
 from mmbench.store import db
@@ -72,6 +77,8 @@ class Driver:
         self.prog: Progress | None = None
         self.overall: TaskID | None = None
         self.token = f"{os.getpid()}-{time.time_ns()}"  # in the status.json of each run this driver trains
+        self.fatal: DiskFull | None = None  # stops the sweep: nothing new starts, in-flight runs end
+        self._warned: dict[str, int] = {}  # warnings of a run already printed
 
     # ----- helpers ------------------------------------------------------------------------------
     def rdir(self, rid: str) -> Path:
@@ -126,7 +133,7 @@ class Driver:
                 while True:
                     self._poll()
                     self._fail_blocked()
-                    started = self._start_ready()
+                    started = self._start_ready() if self.fatal is None else 0
                     self._overall()
                     if not self.wait:
                         break  # submitted what can go now; a later `mmbench sweep` collects the rest
@@ -136,13 +143,39 @@ class Driver:
                         time.sleep(self.launcher.poll_seconds)
             except KeyboardInterrupt:
                 self.launcher.close(cancel=True)
+                self._interrupted()
                 raise
             self.launcher.close(cancel=False)
+        if self.fatal is not None:
+            raise self.fatal
         self.result.in_flight = [r for r in self.order if self.state[r] == "inflight"]
         self.result.waiting = [r for r in self.order if self.state[r] == "pending"]
         return self.result
 
+    def _interrupted(self) -> None:
+        """Ctrl-C: the runs this driver was training go back to `pending` (they resume from their
+        last checkpoint), so the database never shows a run as running that nothing trains."""
+        for rid in self.order:
+            if self.state.get(rid) == "inflight" and rid in self._running and load_summary(self.rdir(rid)) is None:
+                done = max(self._epochs.get(rid, 0), int(rundir.read_status(self.rdir(rid)).get("epochs_done") or 0))
+                self._db(rid, db.set_status, self.engine, rid, "pending", epochs_done=done,
+                         error=f"interrupted after {done} epoch(s); re-run the sweep to resume")
+
+    def _check_checkpoints(self) -> None:
+        """Before anything runs: a checkpoint this sweep would load (to resume a run, or a reference
+        run's selected weights) that could run code when loaded stops the sweep (exit 2)."""
+        deps = {d for r in self.runs.values() for d in r.deps.values()}
+        for rid in self.order:
+            rdir = self.rdir(rid)
+            if rundir.lock_held(rdir):
+                continue
+            done = (load_summary(rdir) or {}).get("status") == "completed"
+            names = ([] if done else ["checkpoint.pt", "checkpoint.prev.pt"]) + (["model_selected.pt"] if rid in deps or not done else [])
+            for name in names:
+                ckpt.verify(rdir / name)
+
     def _collect(self) -> None:
+        self._check_checkpoints()
         for rid in self.order:
             rdir = self.rdir(rid)
             s = load_summary(rdir)
@@ -250,6 +283,8 @@ class Driver:
             self._rows[rid] = self.prog.add_task(escape(self.short(rid)), total=total, info="")
 
     def _show(self, rid: str, st: dict[str, Any]) -> None:
+        for w in (st.get("warnings") or [])[self._warned.get(rid, 0):]:
+            self._warn(rid, w)
         if st.get("status") != "running":
             return
         self._mark_running(rid, st)
@@ -267,13 +302,19 @@ class Driver:
 
     def _on_event(self, rid: str, ev: dict[str, Any]) -> None:
         """Progress of a run trained in this process (inline launcher)."""
-        if ev["event"] == "epoch":
+        if ev["event"] == "warning":
+            self._warn(rid, ev["message"])
+        elif ev["event"] == "epoch":
             val = ev["metrics"].get("val", {})
             self._show(rid, {"status": "running", "epochs_done": ev["epoch"], "epochs_total": ev["epochs"],
                              "val_acc": val.get("acc"), "imbalance_ratio": val.get("imbalance_ratio")})
         else:
             self._show(rid, {"status": "running", "epochs_done": self._epochs.get(rid, 0), "epochs_total": ev["epochs"],
                              "step": ev["step"], "steps": ev["steps"]})
+
+    def _warn(self, rid: str, message: str) -> None:
+        self._warned[rid] = self._warned.get(rid, 0) + 1
+        self.print(f"[yellow]warning[/yellow] {escape(self.label(rid))} [dim]{rid}[/dim]: {escape(message)}")
 
     def _overall(self) -> None:
         running = sum(1 for r in self.handles if r in self._running)
@@ -293,11 +334,14 @@ class Driver:
     def _finish(self, rid: str, h: Handle) -> None:
         rdir = self.rdir(rid)
         s = load_summary(rdir)
+        full = (s or {}).get("disk_full") or getattr(h, "disk_full", None)
+        if full and self.fatal is None:
+            self.fatal = DiskFull(full)
         if s is None:
             if rundir.lock_held(rdir):  # another process trains it (a second driver): wait for that one
                 self.handles[rid] = LockHandle(rid, rdir)
                 return
-            self._failed(rid, h.ended_why())
+            self._failed(rid, str(DiskFull(full)) if full else h.ended_why())
             return
         self._ingest(rid)
         self._drop_row(rid)

@@ -6,10 +6,11 @@ or a leaked CUDA context affects that run only and is attributed to it exactly (
 its `worker.log`), and a finished run's memory goes back to the system. The processes are forked
 from a multiprocessing forkserver that imported torch and every method once (sweep/preload.py),
 so a run starts in well under a second instead of paying the multi-second torch import each time
-(CUDA is never initialised in the forkserver, so forking it is safe). Workers die with the driver:
-the forkserver exits when the driver does, and each worker asks the kernel (PR_SET_PDEATHSIG) to
-be killed when the forkserver goes, so a killed driver leaves no orphan training a run that the
-next `mmbench sweep` would resume.
+(CUDA is never initialised in the forkserver, so forking it is safe). Workers die with the driver,
+even by kill -9: each worker closes its inherited copy of the forkserver's "alive" pipe, so the
+forkserver exits when the driver does; each asks the kernel (PR_SET_PDEATHSIG) to be killed when
+the forkserver goes; and a watchdog thread kills it if the driver's pid is gone anyway. So a killed
+driver leaves no orphan training a run that the next `mmbench sweep` would resume.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import ctypes
 import multiprocessing
 import os
 import signal
+import threading
+import time
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any, Callable
@@ -24,8 +27,9 @@ from typing import Any, Callable
 from mmbench.config import LauncherCfg
 from mmbench.errors import UserError
 from mmbench.sweep.launcher import DoneHandle, Handle
-from mmbench.sweep import worker
-from mmbench.sweep.worker import EXIT_BUSY, Task, train_task
+from mmbench.sweep import rundir, worker
+from mmbench.engine.checkpoint import DiskFull
+from mmbench.sweep.worker import EXIT_BUSY, EXIT_DISK_FULL, Task, train_task
 
 PR_SET_PDEATHSIG = 1
 
@@ -92,7 +96,13 @@ class InlineLauncher:
         for t in tasks:
             t.device = self.device
             cb = self.on_event
-            status = train_task(t, (lambda ev, rid=t.rid: cb(rid, ev)) if cb else None)
+            try:
+                status = train_task(t, (lambda ev, rid=t.rid: cb(rid, ev)) if cb else None)
+            except DiskFull as e:  # the driver stops the sweep and names the place
+                h = DoneHandle(t.rid, "failed")
+                h.disk_full = e.path  # type: ignore[attr-defined]
+                out.append(h)
+                break
             out.append(DoneHandle(t.rid, status))
         return out
 
@@ -115,10 +125,46 @@ def die_with_parent() -> None:
         os._exit(1)
 
 
-def process_entry(run_dir: str) -> None:
+def release_forkserver() -> None:
+    """Drop this worker's copy of the forkserver's "alive" pipe. The forkserver exits when every
+    copy is closed; a worker inherits one (to start processes of its own through it), so while any
+    worker lived, a killed driver left the forkserver, and with it every worker, running."""
+    try:
+        from multiprocessing import forkserver
+
+        fs = forkserver._forkserver  # type: ignore[attr-defined]
+        fd = getattr(fs, "_forkserver_alive_fd", None)
+    except (ImportError, AttributeError):  # pragma: no cover - another Python's internals
+        return
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+        fs._forkserver_alive_fd = None
+
+
+def watch_driver(driver_pid: int, driver_start: str | None, every: float = 1.0) -> None:
+    """Fallback where the parent-death signal cannot work (not Linux, or a forkserver that outlives
+    the driver): a daemon thread that SIGKILLs this worker once its driver or its parent is gone."""
+    parent = os.getppid()
+
+    def loop() -> None:
+        while True:
+            time.sleep(every)
+            if os.getppid() != parent or not rundir.pid_alive(driver_pid, driver_start):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=loop, name="mmbench-driver-watchdog", daemon=True).start()
+
+
+def process_entry(run_dir: str, driver_pid: int | None = None, driver_start: str | None = None) -> None:
     """Body of a worker process: its output goes to the run's worker.log, its exit code says how
-    the run ended (worker.EXIT_*)."""
+    the run ended (worker.EXIT_*). It dies with its driver (see the module docstring)."""
+    release_forkserver()
     die_with_parent()
+    if driver_pid is not None:
+        watch_driver(driver_pid, driver_start)
     fd = os.open(Path(run_dir) / "worker.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -150,6 +196,11 @@ class ProcessHandle:
 
     def alive(self) -> bool:
         return self.proc.is_alive()
+
+    @property
+    def disk_full(self) -> str | None:
+        """The run's directory when its worker stopped on a full disk (it could not say more)."""
+        return str(self.log.parent) if self.proc.exitcode == EXIT_DISK_FULL else None
 
     def ended_why(self) -> str:
         rc = self.proc.exitcode
@@ -190,7 +241,8 @@ class ProcessLauncher:
             slot = self._free_slot()
             t.device, t.threads = self.slots[slot], self.threads
             t.save()
-            proc = context().Process(target=process_entry, args=(t.run_dir,), name=f"mmbench-{t.rid}", daemon=False)
+            proc = context().Process(target=process_entry, args=(t.run_dir, os.getpid(), rundir.process_start(os.getpid())),
+                                     name=f"mmbench-{t.rid}", daemon=False)
             proc.start()
             h = ProcessHandle(t.rid, proc, slot, Path(t.run_dir) / "worker.log")
             self._by_slot[slot] = h

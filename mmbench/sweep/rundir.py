@@ -2,7 +2,8 @@
 
 A worker (local process, submitit job on a cluster node) writes only here: `task.json` (what to
 run, written by the driver), `status.json` (progress, rewritten atomically each epoch), `.lock`
-(held while training, so two processes never train one run), `job.json` (which scheduler job
+(held while training, so two processes never train one run; it names its last holder's pid and
+host, so a `running` row whose process was killed shows as interrupted), `job.json` (which scheduler job
 trains it, so a later driver adopts a queued job instead of submitting it twice) and, from the
 engine, `config.json`, checkpoints and `summary.json`. Nothing here needs the database, so a node
 that cannot reach it loses nothing: the driver (or `mmbench ingest`) reads these files later.
@@ -69,7 +70,8 @@ class RunLock:
         self.path = Path(rdir) / ".lock"
         self._fh: IO[str] | None = None
 
-    def acquire(self) -> bool:
+    def acquire(self, record: bool = True) -> bool:
+        """Take the lock if free; `record`: write this process's pid/host into it (not for a probe)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fh = open(self.path, "a+")
         try:
@@ -78,6 +80,15 @@ class RunLock:
             fh.close()
             return False
         self._fh = fh
+        if not record:
+            return True
+        try:  # who holds it, so `mmbench runs` can tell a live run from one whose process was killed
+            fh.seek(0)
+            fh.truncate()
+            fh.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "start": process_start(os.getpid())}))
+            fh.flush()
+        except OSError:
+            pass  # a full disk: the lock itself still holds
         return True
 
     def release(self) -> None:
@@ -92,10 +103,50 @@ def lock_held(rdir: Path) -> bool:
     if not (Path(rdir) / ".lock").exists():
         return False
     probe = RunLock(rdir)
-    if probe.acquire():
+    if probe.acquire(record=False):
         probe.release()
         return False
     return True
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (Linux); None where absent."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def process_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux), which tells a process from a
+    later one that reuses its pid; None where /proc is absent."""
+    st = _proc_stat(pid)
+    return st[19] if st and len(st) > 19 else None
+
+
+def pid_alive(pid: int, start: str | None = None) -> bool:
+    """Whether `pid` is a live process (not a zombie), and the same one that started at `start`."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, another user's
+    st = _proc_stat(pid)
+    if st is None:
+        return True  # no /proc: the signal probe is all there is
+    if st[0] == "Z":  # exited, waiting for a parent (often none, after a killed driver) to reap it
+        return False
+    return start is None or len(st) <= 19 or st[19] == start
+
+
+def owner_gone(rdir: Path) -> dict[str, Any] | None:
+    """The last process that trained this run (pid, host) if it is known to be dead: it ran on this
+    machine and its pid is gone or belongs to a newer process. None: alive, unknown or elsewhere."""
+    owner = read_json(Path(rdir) / ".lock")
+    if not owner or owner.get("host") != socket.gethostname() or not isinstance(owner.get("pid"), int):
+        return None
+    return None if pid_alive(owner["pid"], owner.get("start")) else owner
 
 
 def write_sweep_manifest(runs_dir: Path, sweep: dict[str, Any], run_ids: list[str]) -> None:

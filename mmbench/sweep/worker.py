@@ -14,9 +14,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from mmbench.engine.checkpoint import DiskFull
+from mmbench.engine.run import as_disk_full, remove_temp_files
 from mmbench.sweep import rundir
 
-EXIT_COMPLETED, EXIT_FAILED, EXIT_BUSY = 0, 1, 75
+EXIT_COMPLETED, EXIT_FAILED, EXIT_DISK_FULL, EXIT_BUSY = 0, 1, 74, 75  # 74: EX_IOERR
 
 
 @dataclass
@@ -70,16 +72,15 @@ def _deps_missing(task: Task) -> str | None:
 
 def train_task(task: Task, on_event: Callable[[dict[str, Any]], None] | None = None) -> str:
     """Train (or resume) the run; returns its status: 'completed', 'failed', or 'busy' when another
-    process holds the run (it is not trained twice)."""
-    from mmbench.engine.device import pick_device
-    from mmbench.engine.run import execute, load_summary
-    from mmbench.errors import UserError
+    process holds the run (it is not trained twice). A full disk raises DiskFull (run left resumable)."""
+    from mmbench.engine.run import load_summary
 
     rdir = Path(task.run_dir)
     lock = rundir.RunLock(rdir)
     if not lock.acquire():
         return "busy"
     try:
+        remove_temp_files(rdir)  # half-written files of a killed process (we hold the lock: no other writer)
         done = load_summary(rdir)
         if done is not None and done.get("status") == "completed":
             return "completed"  # finished by an earlier process; only ingesting is left
@@ -93,7 +94,12 @@ def train_task(task: Task, on_event: Callable[[dict[str, Any]], None] | None = N
         last_write = [0.0]
 
         def progress(ev: dict[str, Any]) -> None:
-            if ev["event"] == "epoch":
+            if ev["event"] == "warning":
+                if on_event is None:  # a worker process: into its worker.log (in the driver, the driver says it)
+                    print(f"warning: {ev['message']}", file=sys.stderr, flush=True)
+                seen = rundir.read_status(rdir).get("warnings") or []
+                rundir.write_status(rdir, warnings=[*seen, ev["message"]])
+            elif ev["event"] == "epoch":
                 val = ev["metrics"].get("val", {})
                 rundir.write_status(rdir, status="running", epochs_done=ev["epoch"], epochs_total=ev["epochs"],
                                     val_acc=val.get("acc"), imbalance_ratio=val.get("imbalance_ratio"))
@@ -106,21 +112,32 @@ def train_task(task: Task, on_event: Callable[[dict[str, Any]], None] | None = N
                 on_event(ev)
 
         try:
-            device = pick_device(task.device)
-            if device.type == "cuda":
-                import torch
-
-                torch.cuda.set_device(device)
-            rundir.write_status(rdir, status="running", device=str(device), epochs_total=int(task.cfg["train"]["epochs"]))
-            summary = execute(task.cfg, task.rid, rdir.parent, device, task.data_dir, task.workers, progress,
-                              {m: Path(d) for m, d in task.deps.items()})
-        except UserError as e:  # e.g. the data is not prepared on this node: the run's record says so
-            rundir.write_failed_summary(rdir, task.rid, str(e))
-            return "failed"
-        rundir.write_status(rdir, status=summary["status"], trained_by=task.driver)
-        return str(summary["status"])
+            return _train(task, rdir, progress)
+        except OSError as e:  # a status write on a full disk
+            raise as_disk_full(e, rdir / "status.json") from e
     finally:
         lock.release()
+
+
+def _train(task: Task, rdir: Path, progress: Callable[[dict[str, Any]], None]) -> str:
+    from mmbench.engine.device import pick_device
+    from mmbench.engine.run import execute
+    from mmbench.errors import UserError
+
+    try:
+        device = pick_device(task.device)
+        if device.type == "cuda":
+            import torch
+
+            torch.cuda.set_device(device)
+        rundir.write_status(rdir, status="running", device=str(device), epochs_total=int(task.cfg["train"]["epochs"]))
+        summary = execute(task.cfg, task.rid, rdir.parent, device, task.data_dir, task.workers, progress,
+                          {m: Path(d) for m, d in task.deps.items()})
+    except UserError as e:  # e.g. the data is not prepared on this node: the run's record says so
+        rundir.write_failed_summary(rdir, task.rid, str(e))
+        return "failed"
+    rundir.write_status(rdir, status=summary["status"], trained_by=task.driver)
+    return str(summary["status"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,7 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1:
         print("usage: python -m mmbench.sweep.worker RUN_DIR", file=sys.stderr)
         return 2
-    status = train_task(Task.load(Path(args[0])))
+    try:
+        status = train_task(Task.load(Path(args[0])))
+    except DiskFull as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_DISK_FULL
     return {"completed": EXIT_COMPLETED, "busy": EXIT_BUSY}.get(status, EXIT_FAILED)
 
 
