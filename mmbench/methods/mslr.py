@@ -47,7 +47,7 @@ def rate_ratios(memory: dict[str, list[float]], accs: dict[str, float], window: 
 
 class MSLRHParams(HParams):
     init_coeffs: dict[str, float] = Field(
-        default_factory=dict, description="c0 per modality (CREMA-D: audio 0.9, visual 1.1; AV-MNIST: audio 1.3, "
+        {}, description="c0 per modality (CREMA-D: audio 0.9, visual 1.1; AV-MNIST: audio 1.3, "
         "visual 0.7; UR-Funny: audio 0.9, visual 1.4, text 0.7); a modality left out starts at 1.0",
         json_schema_extra={"search": [{"audio": 0.9, "visual": 1.1}, {"audio": 1.1, "visual": 0.9}]})
     window: int = Field(5, ge=1, description="epochs of accuracy remembered for r = acc / mean(previous window)",
