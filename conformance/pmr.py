@@ -28,6 +28,8 @@ from collections import OrderedDict
 
 import torch
 
+from _common import Recorder, diff  # noqa: E402  (conformance/_common.py, beside this script)
+
 BATCH, CLASSES = 8, 6
 AUDIO, VISUAL = (64, 48), (3, 2, 32, 32)  # official layouts: spec (F, T), image (C, T, H, W)
 
@@ -73,44 +75,6 @@ def project_name(official: str) -> str | None:
         if official.startswith(pre):
             return rep + official[len(pre):]
     return None
-
-
-class Recorder:
-    """Grads before each optimizer step; params and buffers after it (hooks, no code changed)."""
-
-    def __init__(self, model: torch.nn.Module, opt: torch.optim.Optimizer, rename=lambda n: n) -> None:
-        self.steps: list[dict[str, dict[str, torch.Tensor]]] = []
-        self.model, self.rename = model, rename
-        names = {id(p): n for n, p in model.named_parameters()}
-        self._grads: dict[str, torch.Tensor] = {}
-
-        def pre(_o, _a, _k):
-            self._grads = {rename(names[id(p)]): p.grad.detach().clone() for g in opt.param_groups for p in g["params"]
-                           if p.grad is not None}
-
-        def post(_o, _a, _k):
-            params = {rename(n): p.detach().clone() for n, p in model.named_parameters()}
-            bufs = {rename(n): b.detach().clone() for n, b in model.named_buffers() if "num_batches" not in n}
-            mom = {rename(names[id(p)]): opt.state[p]["momentum_buffer"].clone() for g in opt.param_groups
-                   for p in g["params"] if opt.state.get(p, {}).get("momentum_buffer") is not None}
-            state = {rename(n): v.detach().clone() for n, v in model.state_dict().items()}
-            self.steps.append({"grad": self._grads, "param": params, "buffer": bufs, "momentum": mom, "state": state})
-
-        opt.register_step_pre_hook(pre)
-        opt.register_step_post_hook(post)
-
-
-def diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[float, float, int]:
-    """(max abs diff, max relative diff = |a-b| / max|b| per tensor, tensors compared)."""
-    mabs = mrel = 0.0
-    n = 0
-    for k, vb in b.items():
-        if k not in a:
-            continue
-        d = (a[k].double() - vb.double()).abs().max().item()
-        scale = vb.double().abs().max().item()
-        mabs, mrel, n = max(mabs, d), max(mrel, d / scale if scale > 0 else d), n + 1
-    return mabs, mrel, n
 
 
 def main() -> int:
@@ -256,6 +220,11 @@ def main() -> int:
                     d = (p["grad"][k].double() - vb.double()).abs().max().item()
                     rows.append((d / max(vb.abs().max().item(), 1e-30), d, vb.abs().max().item(), k))
             print(f"step {i}: worst grads", *[f"{r[3]} rel {r[0]:.1e} abs {r[1]:.1e} scale {r[2]:.1e}" for r in sorted(rows)[-3:]], sep="\n  ")
+    n_compared = [diff(p["grad"], o["grad"])[2] for o, p in zip(orec.steps, prec.steps)]
+    if not n_compared or min(n_compared) == 0:
+        print("NOTHING COMPARED: the parameter names do not match")
+        return 2
+    print(f"tensors compared per step: {min(n_compared)} gradients of {len(orec.steps[0]['grad'])} official")
     print(f"\nmode: {a.mode}; steps compared: {len(prec.steps)}; max relative difference: {worst:.2e} "
           f"({'within' if worst <= 1e-5 else 'BEYOND'} 1e-5)")
     return 0 if worst <= 1e-5 else 1
