@@ -89,6 +89,9 @@ def main() -> int:
                     help="reset: each project step starts from the official state (params, BN buffers, SGD momentum, "
                     "prototypes) after the previous step, so a step is compared in isolation; chained: each side "
                     "trains freely (drift from ReLU crossings accumulates)")
+    ap.add_argument("--official-distance", action="store_true",
+                    help="diagnostic: the project step uses the official EU_dist (per-pair sqrt(dot)); shows which "
+                    "differences come from the distance's reduction order")
     ap.add_argument("--verbose", action="store_true", help="the three worst gradient tensors per step")
     a = ap.parse_args()
     torch.set_num_threads(1)
@@ -145,7 +148,7 @@ def main() -> int:
         return d
 
     def pl(f, p):
-        s = real_pl(f, p)
+        s = -real_eu(f, p) if a.official_distance else real_pl(f, p)
         psims.append(s.detach().clone())
         return s
 
