@@ -65,6 +65,9 @@ class TrainCfg(Strict):
     selection_metric: Literal["acc", "macro_f1"] = "acc"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     eval_train: bool = True  # evaluate the train split each epoch (per-modality train trajectories)
+    # torch intra-op threads of the run (recorded; not part of the run id: it changes speed, not the
+    # experiment). None: the launcher's share (cores / --jobs), or torch's default for one run at a time
+    threads: int | None = Field(None, ge=1)
 
 
 class MetricsCfg(Strict):
@@ -181,10 +184,10 @@ def set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
     cur[parts[-1]] = value
 
 
-def _format_validation(err: ValidationError, where: str) -> str:
+def _format_validation(err: ValidationError, where: str, section: str = "") -> str:
     lines = [f"{where}: invalid recipe"]
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        loc = ".".join(str(p) for p in ([section] if section else []) + list(e["loc"])) or "(top level)"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
@@ -221,8 +224,15 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
 
 
+ID_EXCLUDED = (("train", "threads"),)  # settings recorded with a run that do not make it another run
+
+
 def run_id(config: dict[str, Any]) -> str:
-    return hashlib.sha256(canonical_json(config).encode()).hexdigest()[:12]
+    keyed = copy.deepcopy(config)
+    for section, key in ID_EXCLUDED:
+        if isinstance(keyed.get(section), dict):
+            keyed[section].pop(key, None)
+    return hashlib.sha256(canonical_json(keyed).encode()).hexdigest()[:12]
 
 
 def resolve_method(entry: str | dict[str, Any], where: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -250,6 +260,16 @@ def resolve_method(entry: str | dict[str, Any], where: str) -> tuple[dict[str, A
             lines.append(f"  - {loc}: {msg}; got {err.get('input')!r} (parameters of '{name}': {known})")
         raise UserError("\n".join(lines)) from None
     return {"name": name, **hp.model_dump(mode="json")}, train_over
+
+
+def split_model_override(entry: str | dict[str, Any], where: str) -> tuple[str | dict[str, Any], dict[str, Any]]:
+    """A method entry may carry its own `model:` (e.g. MLA's shared head) beside its own `train:`."""
+    if not isinstance(entry, dict) or "model" not in entry:
+        return entry, {}
+    over = entry.get("model") or {}
+    if not isinstance(over, dict):
+        raise UserError(f"{where}.model: expected a mapping such as {{fusion: shared}}")
+    return {k: v for k, v in entry.items() if k != "model"}, over
 
 
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -282,17 +302,20 @@ def expand(recipe: Recipe, where: str | None = None) -> list[dict[str, Any]]:
         base["dataset"]["protocol"] = builder.default_protocol
     grid_keys = list(recipe.grid)
     combos = list(itertools.product(*(recipe.grid[k] for k in grid_keys))) or [()]
+    entries, model_overs = zip(*(split_model_override(e, f"{where}: methods[{mi}]") for mi, e in enumerate(recipe.methods)))
+    resolved = [resolve_method(entry, f"{where}: methods[{mi}]") for mi, entry in enumerate(entries)]
+    check_grid_keys(grid_keys, [m["name"] for m, _ in resolved], where)
     runs: list[dict[str, Any]] = []
     seen: set[str] = set()
-    for mi, entry in enumerate(recipe.methods):
-        method, train_over = resolve_method(entry, f"{where}: methods[{mi}]")
+    for (method, train_over), model_over in zip(resolved, model_overs):
         for combo in combos:
             cfg = copy.deepcopy(base)
             cfg["train"] = _deep_merge(cfg["train"], train_over)
+            cfg["model"] = _deep_merge(cfg["model"], model_over)
             cfg["method"] = dict(method)
             for k, v in zip(grid_keys, combo):
                 if k.startswith("method."):
-                    pname = k.split(".", 1)[1]
+                    pname = k.split(".")[1]
                     from mmbench.methods.base import METHODS
 
                     if pname not in METHODS.get(method["name"]).HParams.model_fields:
@@ -311,21 +334,38 @@ def expand(recipe: Recipe, where: str | None = None) -> list[dict[str, Any]]:
     return runs
 
 
+def check_grid_keys(keys: list[str], methods: list[str], where: str) -> None:
+    """A `method.X` grid key must be a parameter of at least one of the recipe's methods (it then
+    applies to the methods that declare it). Otherwise a typo (`method.alhpa`) would silently plan
+    fewer runs: the key would apply to no method at all."""
+    from mmbench.methods.base import METHODS
+
+    params = {m: list(METHODS.get(m).HParams.model_fields) for m in dict.fromkeys(methods)}
+    for k in keys:
+        if not k.startswith("method."):
+            continue
+        pname = k.split(".")[1]
+        if not any(pname in ps for ps in params.values()):
+            valid = sorted({f"method.{p}" for ps in params.values() for p in ps})
+            raise UserError(
+                f"{where}: grid key '{k}' is not a parameter of any method in this recipe "
+                f"({', '.join(params)}); valid method keys: {', '.join(valid) or '(none: these methods have no parameters)'}"
+            )
+
+
 def validate_run(cfg: dict[str, Any], where: str) -> dict[str, Any]:
     """Re-validate a run after grid/overrides so a bad grid value fails like a bad recipe key."""
     from mmbench.data.base import DATASETS
     from mmbench.models.encoders import BACKBONES
     from mmbench.models.fusion import FUSIONS
 
-    try:
-        cfg["dataset"] = DatasetCfg.model_validate(cfg["dataset"]).model_dump(mode="json")
-        cfg["model"] = ModelCfg.model_validate(cfg["model"]).model_dump(mode="json")
-        cfg["train"] = TrainCfg.model_validate(cfg["train"]).model_dump(mode="json")
-        cfg["metrics"] = MetricsCfg.model_validate(cfg["metrics"]).model_dump(mode="json")
-    except ValidationError as e:
-        raise UserError(_format_validation(e, where)) from None
+    for section, schema in (("dataset", DatasetCfg), ("model", ModelCfg), ("train", TrainCfg), ("metrics", MetricsCfg)):
+        try:
+            cfg[section] = schema.model_validate(cfg[section]).model_dump(mode="json")
+        except ValidationError as e:  # named in full: the key came from a grid or a method's train override
+            raise UserError(_format_validation(e, where, section)) from None
     method, _ = resolve_method(cfg["method"], where)
-    cfg["method"] = method
+    cfg["method"] = resolve_for_training(method, cfg["train"], where)
     if method["name"] == "unimodal":
         # a unimodal run has no fusion and no competition: canonical values, so the same
         # reference run is shared across fusions and with the dependencies of competition
@@ -342,6 +382,43 @@ def validate_run(cfg: dict[str, Any], where: str) -> dict[str, Any]:
     if cfg["model"]["fusion"] not in FUSIONS:
         raise UserError(f"{where}: model.fusion: unknown fusion '{cfg['model']['fusion']}'; choose one of: {', '.join(FUSIONS.names())}")
     return cfg
+
+
+def resolve_for_training(method: dict[str, Any], train: dict[str, Any], where: str) -> dict[str, Any]:
+    """A method's parameters against the run's training settings: relative forms (MIE's scaled stage
+    schedule) become absolute, then every check a trainer makes before training runs here, so
+    `--dry-run` fails exactly where a real run would."""
+    from mmbench.methods.base import METHODS, TrainSpec
+
+    cls = METHODS.get(method["name"])
+    spec = TrainSpec(train["epochs"], train["optimizer"], train["scheduler"], train["precision"])
+    hp = cls.HParams.model_validate({k: v for k, v in method.items() if k != "name"})
+    try:
+        hp = cls.resolve(hp, spec)
+        cls.check_train(spec, hp)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+    return {"name": method["name"], **hp.model_dump(mode="json")}
+
+
+def short_label(cfg: dict[str, Any]) -> str:
+    """A label that fits a terminal line: the method with only the parameters that differ from its
+    defaults, and the seed (progress bars and `done` lines; the full label is in describe_run)."""
+    from mmbench.methods.base import METHODS
+
+    m = cfg["method"]
+    try:
+        fields = METHODS.get(m["name"]).HParams.model_fields
+    except Exception:  # noqa: BLE001 - an unknown method (an old database) keeps its full label
+        fields = {}
+    parts = []
+    for k, v in m.items():
+        f = fields.get(k)
+        if k == "name" or (k != "modality" and f is not None and not f.is_required()
+                           and f.get_default(call_default_factory=True) == v):  # which modality is never implied
+            continue
+        parts.append(f"{k}={json.dumps(v, separators=(',', ':')) if isinstance(v, (list, dict)) else v}")
+    return m["name"] + (f"({','.join(parts)})" if parts else "") + f" s{cfg['seed']}"
 
 
 def describe_run(cfg: dict[str, Any]) -> str:
