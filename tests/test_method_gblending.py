@@ -1,4 +1,4 @@
-"""G-Blending (METHODS.md §6.1): the blend weights from probe losses, the blended step, the schedule."""
+"""G-Blending (Wang, Tran & Feiszli, CVPR 2020): the blend weights from probe losses, the blended step, the schedule."""
 from __future__ import annotations
 
 import copy

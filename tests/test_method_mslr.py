@@ -1,4 +1,4 @@
-"""MSLR (METHODS.md §6.4): the ratio memory, which gradients are scaled and by how much."""
+"""MSLR (Yao & Mihalcea, 2022, as the AGM repo runs it): the ratio memory, which gradients are scaled and by how much."""
 from __future__ import annotations
 
 import copy
@@ -120,3 +120,12 @@ def test_unknown_modality_in_init_coeffs_exit_2_before_training(mm_env: Path, cl
     assert code == 2, out
     assert "text" in out and "audio" in out
     assert not (mm_env / "runs").exists() and not (mm_env / "results.db").exists()
+
+
+def test_official_bug_option_feeds_the_visual_accuracy_to_audio():
+    m = make("mslr", window=1, audio_as_visual=True)
+    val = [batch(seed=s) for s in range(2)]
+    logs = m.on_epoch_end(epoch_ctx([], val=val))
+    assert logs["acc_audio"] == logs["acc_visual"]
+    assert m.memory["audio"] == m.memory["visual"]
+    assert m.describe_run()["mslr_accuracy"].startswith("audio-as-visual")

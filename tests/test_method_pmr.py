@@ -1,4 +1,4 @@
-"""PMR (METHODS.md §6.2): prototype logits, class means, the switch, the loss it adds, smoothing."""
+"""PMR (Fan et al., CVPR 2023): prototype logits, class means, the switch, the loss it adds, smoothing."""
 from __future__ import annotations
 
 import copy

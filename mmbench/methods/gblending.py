@@ -1,5 +1,5 @@
 """`gblending`: Gradient-Blending (Wang, Tran & Feiszli, "What Makes Training Multi-Modal
-Classification Networks Hard?", CVPR 2020; METHODS.md §6.1).
+Classification Networks Hard?", CVPR 2020).
 
 The model has a classifier per modality besides the fused head, and trains on the blend
 `L = sum_k w_k CE(out_k, y)`, k over the modalities and the fused head. The weights come from each
@@ -12,7 +12,7 @@ overfitting gets a large weight. Offline G-Blend estimates once before training;
 every `super_epoch` epochs. The probes cost (M + 1) x probe_epochs training epochs each time.
 
 There is no official PyTorch code. This follows the paper's definition; the cross-check is
-BalanceBenchmark (GeWu-Lab/BalanceBenchmark @ 4c1482f, `balancemm/trainer/GBlending_trainer.py`,
+BalanceBenchmark (GeWu-Lab/BalanceBenchmark @ 4c1482fca5aaa8d4278af8e26020daa039e3ccf3, `balancemm/trainer/GBlending_trainer.py`,
 `super_epoch_origin`; `configs/trainer_config.yaml`: online, super_epoch 10), which differs in:
 (1) its per-modality outputs are the concat head's weight split (bias / M), not own classifiers
 (`heads: split` here); (2) its unimodal probe trains the FUSED output with the other modalities'

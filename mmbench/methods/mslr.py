@@ -1,4 +1,4 @@
-"""`mslr`: modality-specific learning rates (Yao & Mihalcea, Findings of ACL 2022; METHODS.md §6.4).
+"""`mslr`: modality-specific learning rates (Yao & Mihalcea, Findings of ACL 2022).
 
 Each modality's gradients are multiplied by `c_m = c0_m * r_m` before the optimizer step (a
 per-modality learning rate under plain SGD). `c0_m` is a fixed per-dataset start (CREMA-D: audio
@@ -8,7 +8,7 @@ A modality that keeps improving keeps its rate; one that stalls slows down. One 
 backward, as in plain training.
 
 Re-expressed from the implementation the field compares against: lihong2303/AGM_ICCV2023 @
-5a65542 (`run/CREMAD_main.py`: `train` grad scaling for `methods == "MSLR"`, the
+5a65542c70b1c7c15c5df291e77fa9cf2bbb9549 (`run/CREMAD_main.py`: `train` grad scaling for `methods == "MSLR"`, the
 `audio_lr_memory` update after `test`; the same in `run/AVMNIST_main.py`, `run/URFunny_main.py`).
 The original paper was not read. What the code scales: every parameter of the modality's encoder
 and of its own classifier (the sum-fusion model `AVClassifier_Sum`: `audio_net`, `audio_cls`);
@@ -18,7 +18,9 @@ that modality feeds: its branch head under sum fusion, its weight columns under 
 bias is not scaled), nothing under film/gated (their heads mix modalities).
 
 Deviations (deliberate): the code feeds `r_m` with TEST accuracies (and on CREMA-D with an audio
-accuracy its `test()` miscounts, METHODS.md §1); here the accuracies are the validation split's,
+accuracy its `test()` miscounts: the audio check is missing and `acc_a` is incremented under the
+visual one, so its audio accuracy IS its visual accuracy and r_audio == r_visual in every CREMA-D
+run of the code; c0 alone separates the modalities there; `audio_as_visual: true` reproduces it); here the accuracies are the validation split's,
 computed with the fusion's own per-modality estimator exactly as mmbench reports `acc/<m>`
 (`accuracy_split: test` reproduces the test-set choice). The code's epochs are 1-based; the window
 here is 0-based and inclusive.
@@ -58,6 +60,9 @@ class MSLRHParams(HParams):
                                  "default: the whole run)", json_schema_extra={"search": [50, 100_000]})
     accuracy_split: Literal["val", "test"] = Field(
         "val", description="split whose per-modality accuracy drives r (the code uses the test set)")
+    audio_as_visual: bool = Field(
+        False, description="reproduce the AGM repo's CREMA-D test() bug: the audio accuracy feeding r is the visual "
+        "accuracy (so r_audio == r_visual); off = each modality's own accuracy")
 
     @model_validator(mode="after")
     def _check(self) -> "MSLRHParams":
@@ -141,6 +146,8 @@ class MSLR(Method):
         out = collect(self, loader, ctx.prepare_batch)
         metrics = metrics_of(out, self.spec.num_classes)
         accs = {m: metrics[f"acc/{m}"] for m in self.modalities}
+        if hp.audio_as_visual and "audio" in accs and "visual" in accs:
+            accs["audio"] = accs["visual"]  # the official test(): acc_a counted under the visual check
         ratios, self.memory = rate_ratios(self.memory, accs, hp.window)
         if ratios is not None:
             self.ratios = ratios
@@ -155,4 +162,5 @@ class MSLR(Method):
 
     def describe_run(self) -> dict[str, Any]:
         return {**super().describe_run(), "mslr_head_part": self.head_part,
-                "mslr_accuracy_split": self.hp.accuracy_split}  # type: ignore[attr-defined]
+                "mslr_accuracy_split": self.hp.accuracy_split,  # type: ignore[attr-defined]
+                "mslr_accuracy": "audio-as-visual (official bug)" if self.hp.audio_as_visual else "own"}  # type: ignore[attr-defined]

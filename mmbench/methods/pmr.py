@@ -1,4 +1,4 @@
-"""`pmr`: Prototypical Modal Rebalance (Fan et al., CVPR 2023; METHODS.md §6.2).
+"""`pmr`: Prototypical Modal Rebalance (Fan et al., CVPR 2023).
 
 Each modality gets class prototypes: the class means of its pooled encoder features, computed in
 eval mode over a slice of the training data before training and after every epoch. A sample's

@@ -1,11 +1,11 @@
 """`ume`: Uni-Modal Ensemble (Du et al., "On Uni-Modal Feature Learning in Supervised Multi-Modal
-Learning", ICML 2023; METHODS.md §6.5).
+Learning", ICML 2023).
 
 Train each modality's unimodal model on its own (encoder + linear head, cross-entropy; here the
 `unimodal` reference runs the planner schedules) and predict with their combined outputs; no
 joint training. The paper recommends UME where cross-modal (paired) features matter little, UMT
 otherwise. It is `ensemble` with the outputs averaged as logits by default; the authors' code
-was not found (METHODS.md §6.5 read the abstract and BalanceBenchmark, which has no UME), so
+was not found (only the abstract was read; BalanceBenchmark has no UME), so
 whether the paper averages logits or probabilities is not settled from code: `combine` says which
 ran and `combine: softmax` gives the other.
 """

@@ -1,5 +1,5 @@
 """`umt`: Uni-Modal Teacher (Du et al., "On Uni-Modal Feature Learning in Supervised Multi-Modal
-Learning", ICML 2023; METHODS.md §6.5).
+Learning", ICML 2023).
 
 Joint late-fusion training whose encoders are also pulled towards the features of unimodal
 teachers: `L = CE(f, y) + lambda * sum_m MSE(phi_m, phi_m^teacher)`, the teachers being each
@@ -11,8 +11,8 @@ backward of the joint model, plus one no-grad forward of each teacher.
 Teachers are the `unimodal` reference runs of the same dataset, protocol, backbone, training and
 seed (scheduled by the planner, `needs_unimodal_references`), at the epoch their run selects.
 
-Sources: the authors' code was not found (searched by title and author); METHODS.md §6.5 was
-written from the abstract and BalanceBenchmark (GeWu-Lab/BalanceBenchmark @ 4c1482f,
+Sources: the authors' code was not found (searched by title and author); the paper's abstract and
+BalanceBenchmark (GeWu-Lab/BalanceBenchmark @ 4c1482fca5aaa8d4278af8e26020daa039e3ccf3,
 `balancemm/trainer/UMT_trainer.py`), which this follows: distillation on the pooled encoder
 outputs, MSE (mean over batch and feature), `scaling` lambda = 10, every step inside the
 `modulation_starts..modulation_ends` window. BalanceBenchmark never switches its teachers to eval
