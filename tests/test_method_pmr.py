@@ -154,3 +154,19 @@ def test_bad_parameters_exit_2(mm_env: Path, cli, entry: str, needle: str):
     assert code == 2, out
     assert needle in out
     assert not (mm_env / "runs").exists()
+
+
+def test_prototype_split_val_uses_the_whole_validation_split_without_augmentation():
+    m = make("pmr", prototype_split="val")
+    val = [batch(seed=s) for s in (11, 12, 13)]
+    seen = []
+    ctx = epoch_ctx([batch(seed=1)], val=val)
+    ctx.prepare_batch = lambda raw, train: (seen.append(train), raw)[1]
+    m.on_epoch_start(ctx)
+    assert seen == [False, False, False]
+    m.model.eval()
+    with torch.no_grad():
+        f = [m.model(x).features for x, _ in val]
+    y = torch.cat([y for _, y in val])
+    for k in f[0]:
+        torch.testing.assert_close(m.prototypes[k], class_means(torch.cat([ff[k] for ff in f]), y, 4)[0])
