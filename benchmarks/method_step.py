@@ -5,6 +5,10 @@ All methods are built in one process from the same seed on the same random batch
 round) so load from other processes hits every method alike; warm-up rounds are not counted and
 the median is reported. Each row also counts autograd passes per step (backward + grad calls):
 DESIGN.md §6 asks for no more passes than the algorithm needs (MMPareto 3, not 4).
+Methods built on unimodal reference runs (ensemble, ume, umt) get fresh unimodal models as
+references; the ensembles' "step" is an evaluation (they train nothing: their cost is the
+unimodal runs'). Epoch-level work is not timed (PMR's prototype pass, MSLR's accuracy pass,
+G-Blending's probes: (M + 1) x probe_epochs epochs per estimation).
 
 Staged methods are timed in each stage kind: MIE in its first stage (audio branch only) and in
 its second (visual branch with the flat projection). ResNet18 inputs default to a reduced size
@@ -34,8 +38,11 @@ SHAPES = {
 }
 FULL = {"audio": [1, 257, 188], "visual": [1, 3, 224, 224]}
 CLASSES = 6
-PARAMS: dict[str, dict[str, Any]] = {"mie": {"epoch_list": [1, 1]},  # a two-epoch schedule to reach stage 2
-                                     "opm": {"warmup_epochs": 0, "p_exe": 1.0}}  # time the drop itself
+PARAMS: dict[str, dict[str, Any]] = {
+    "mie": {"epoch_list": [1, 1]},  # a two-epoch schedule to reach stage 2
+    "opm": {"warmup_epochs": 0, "p_exe": 1.0},  # time the drop itself
+    "gblending": {"probe_epochs": 1},  # the per-epoch probes are not timed; keep the set-up short
+}
 EPOCHS: dict[str, list[int]] = {"mie": [0, 1]}  # epochs to time: one per stage kind
 FUSION: dict[str, str] = {"mla": "shared"}  # methods defined on their own head; the rest use concat
 
@@ -49,18 +56,26 @@ class Case:
     passes: int = 0
 
 
-def build(name: str, backbone: str, shapes: dict[str, list[int]], device: torch.device) -> Method:
+def build(name: str, backbone: str, shapes: dict[str, list[int]], device: torch.device,
+          params: dict[str, Any] | None = None) -> Method:
     torch.manual_seed(0)
     cls = METHODS.get(name)
     spec = ModelSpec(backbone, FUSION.get(name, "concat"), shapes, CLASSES)
-    hp = cls.HParams.model_validate(PARAMS.get(name, {}))
+    hp = cls.HParams.model_validate(params if params is not None else PARAMS.get(name, {}))
     train = TrainSpec(epochs=2, optimizer={"name": "sgd", "lr": 1e-3, "momentum": 0.9}, scheduler={"name": "none"})
     cls.check(spec, hp)
     cls.check_train(train, hp)
     method = cls(spec, hp, train)
     method.setup(device)
+    if method.needs_unimodal_references:  # ensembles / teachers: fresh unimodal models stand in for the runs
+        method.attach_references({m: build_reference(m, backbone, shapes, device) for m in method.modalities})
     method.train()
     return method
+
+
+def build_reference(modality: str, backbone: str, shapes: dict[str, list[int]], device: torch.device) -> Method:
+    ref = build("unimodal", backbone, shapes, device, {"modality": modality})
+    return ref.eval()
 
 
 def epoch_ctx(epoch: int, raw: dict[str, torch.Tensor], device: torch.device) -> EpochContext:

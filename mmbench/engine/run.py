@@ -22,6 +22,7 @@ from mmbench.engine.checkpoint import DiskFull, is_disk_full
 from mmbench.engine.trainer import Progress, Trainer
 from mmbench.env import environment
 from mmbench.errors import RunFailed, UserError
+from mmbench.methods.base import METHODS
 from mmbench.store import db
 from mmbench.store.tables import Run
 
@@ -54,7 +55,7 @@ def run_row(cfg: dict[str, Any], rid: str, run_dir: Path | None = None, depends_
         selection=cfg["train"]["selection"],
         label=describe_run(cfg).split(" ")[0],
         run_dir=str(run_dir) if run_dir else None,
-        epochs_total=int(cfg["train"]["epochs"]),
+        epochs_total=int(cfg["train"]["epochs"]) if METHODS.get(cfg["method"]["name"]).trains else 1,
         depends_on=json.dumps(depends_on or []),
     )
 

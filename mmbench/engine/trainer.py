@@ -20,7 +20,7 @@ from mmbench.data.transforms import get_transform
 from mmbench.engine import checkpoint as ckpt
 from mmbench.engine.device import rng_state, seed_everything, set_rng_state
 from mmbench.engine.evaluate import SplitOutputs, collect, metrics_of
-from mmbench.errors import RunFailed
+from mmbench.errors import RunFailed, UserError
 from mmbench.methods.base import METHODS, EpochContext, Method, ModelSpec, StepContext, TrainSpec
 
 Progress = Callable[[dict[str, Any]], None]
@@ -99,6 +99,8 @@ class Trainer:
         data = PreparedDataset(cfg["dataset"]["name"], cfg["dataset"]["protocol"], self.data_dir)
         method = self.build_method(data)
         method.setup(self.device)
+        if method.needs_unimodal_references:
+            method.attach_references(self._references(data, method.modalities))
         mods = method.modalities
         transforms = {m: get_transform(s.transform, **s.transform_args) for m, s in data.meta.modalities.items()}
         aug_gen = torch.Generator()
@@ -117,7 +119,7 @@ class Trainer:
         eval_loaders = {s: self._loader(v, False, ebs, seed) for s, v in splits.items() if len(v) > 0}
         n_train = counts["train"]
         steps = n_train // bs if t_cfg["drop_last"] else math.ceil(n_train / bs)
-        epochs = int(t_cfg["epochs"])
+        epochs = int(t_cfg["epochs"]) if method.trains else 1
 
         history: list[dict[str, Any]] = []
         best: dict[str, tuple[float, int]] = {}
@@ -310,21 +312,32 @@ class Trainer:
     def _concepts(self, data: PreparedDataset, transforms: dict[str, Any]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Mono-modal concepts: pooled features of each unimodal reference run (its selected
         weights) on the val and test splits."""
-        from mmbench.engine.run import load_run_config
-
         out = {}
         for m, rdir in self.dependencies.items():
-            dep_cfg = load_run_config(rdir)
-            dep = Trainer(dep_cfg, rdir, self.device, self.data_dir).build_method(data)
-            dep.setup(self.device)
-            state = ckpt.load(rdir / "model_selected.pt", self.device)
-            dep.load_state_dict(state["method"])
+            dep = self._reference(data, rdir)
             def prep(raw: dict[str, torch.Tensor], train: bool, _m: str = m) -> Any:
                 return {_m: transforms[_m](raw[_m].to(self.device), False, None)}, raw["label"].to(self.device)
 
             feats = [collect(dep, self._loader(data.split(s, [m]), False, 128, 0), prep).features[m] for s in ("val", "test")]
             out[m] = (feats[0], feats[1])
         return out
+
+
+    def _reference(self, data: PreparedDataset, rdir: Path) -> Method:
+        """A unimodal reference run's method with its selected weights, in eval mode."""
+        from mmbench.engine.run import load_run_config
+
+        dep = Trainer(load_run_config(rdir), rdir, self.device, self.data_dir).build_method(data)
+        dep.setup(self.device)
+        dep.load_state_dict(ckpt.load(rdir / "model_selected.pt", self.device)["method"])
+        return dep.eval()
+
+    def _references(self, data: PreparedDataset, modalities: list[str]) -> dict[str, Method]:
+        missing = [m for m in modalities if m not in self.dependencies]
+        if missing:
+            raise UserError(f"method '{self.cfg['method']['name']}' needs the unimodal reference run of "
+                            f"{', '.join(missing)}; run it with `mmbench sweep` or `mmbench train`, which schedule them")
+        return {m: self._reference(data, self.dependencies[m]) for m in modalities}
 
 
 def _fused_repr(o: SplitOutputs) -> torch.Tensor:

@@ -147,6 +147,11 @@ class Method(nn.Module, metaclass=ABCMeta):
     fusion_reason: ClassVar[str] = ""  # why only those, for the error message
     n_modalities: ClassVar[tuple[int, int | None]] = (1, None)  # (min, max)
     modality_reason: ClassVar[str] = ""  # why not more (or fewer) modalities, for the error message
+    # True: the planner schedules one `unimodal` run per modality (same dataset, protocol, backbone,
+    # training and seed, as for competition strength) and the trainer hands their selected models
+    # to `attach_references` before training (ensembles, distillation teachers)
+    needs_unimodal_references: ClassVar[bool] = False
+    trains: ClassVar[bool] = True  # False: nothing to optimise (the trainer runs one evaluation epoch)
 
     def __init__(self, spec: ModelSpec, hp: HParams, train: TrainSpec) -> None:
         super().__init__()
@@ -264,6 +269,11 @@ class Method(nn.Module, metaclass=ABCMeta):
     def estimator_fusion(self) -> Fusion | None:
         """The fusion head whose estimator defines this method's per-modality logits."""
         return getattr(self.model, "fusion", None)
+
+    def attach_references(self, references: dict[str, "Method"]) -> None:
+        """Receive the selected `unimodal` reference model of each modality (in eval mode, on the
+        device); only called when `needs_unimodal_references`. Keep them out of the module tree
+        (plain attributes), so they are neither trained nor saved in this run's checkpoints."""
 
     def on_epoch_start(self, ctx: EpochContext) -> dict[str, float]:
         return {}

@@ -1,4 +1,5 @@
-"""Recipe -> ordered runs, with run dependencies (unimodal references for competition strength)."""
+"""Recipe -> ordered runs, with run dependencies (unimodal references for competition strength, and
+for methods that build on unimodal models: `Method.needs_unimodal_references`)."""
 from __future__ import annotations
 
 import copy
@@ -10,6 +11,7 @@ from typing import Any
 from mmbench.config import Recipe, canonical_json, expand, run_id
 from mmbench.data.base import DATASETS
 from mmbench.data.store import is_prepared, load_meta
+from mmbench.methods.base import METHODS
 
 
 @dataclass
@@ -41,7 +43,8 @@ def plan(recipe: Recipe, where: str | None = None, data_dir: str | None = None) 
     deps_first: list[PlannedRun] = []
     for r in runs:
         c = r.cfg
-        if c["metrics"]["competition"] and c["method"]["name"] != "unimodal":
+        needs = c["metrics"]["competition"] or METHODS.get(c["method"]["name"]).needs_unimodal_references
+        if needs and c["method"]["name"] != "unimodal":
             for m in dataset_modalities(c["dataset"]["name"], c["dataset"]["protocol"], data_dir):
                 dep = unimodal_reference(c, m)
                 did = run_id(dep)

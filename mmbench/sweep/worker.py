@@ -65,7 +65,8 @@ def _deps_missing(task: Task) -> str | None:
     for m, d in task.deps.items():
         s = load_summary(Path(d))
         if s is None or s.get("status") != "completed":
-            return (f"dependency {Path(d).name} (unimodal {m} reference, needed for competition strength) "
+            return (f"dependency {Path(d).name} (unimodal {m} reference, needed for competition strength "
+                    "or by the method) "
                     "did not complete; fix it and re-run the sweep")
     return None
 
