@@ -37,7 +37,8 @@ CLASSES = 6
 PARAMS: dict[str, dict[str, Any]] = {"mie": {"epoch_list": [1, 1]},  # a two-epoch schedule to reach stage 2
                                      "opm": {"warmup_epochs": 0, "p_exe": 1.0}}  # time the drop itself
 EPOCHS: dict[str, list[int]] = {"mie": [0, 1]}  # epochs to time: one per stage kind
-FUSION: dict[str, str] = {"mla": "shared"}  # methods defined on their own head; the rest use concat
+FUSION: dict[str, str] = {"mla": "shared", "greedy": "mmtm"}  # methods defined on their own head/architecture
+EXTRA: list[tuple[str, str]] = [("joint", "mmtm")]  # (method, fusion): an architecture's own cost, e.g. Greedy's MMTM
 
 
 @dataclass
@@ -49,10 +50,10 @@ class Case:
     passes: int = 0
 
 
-def build(name: str, backbone: str, shapes: dict[str, list[int]], device: torch.device) -> Method:
+def build(name: str, backbone: str, shapes: dict[str, list[int]], device: torch.device, fusion: str | None = None) -> Method:
     torch.manual_seed(0)
     cls = METHODS.get(name)
-    spec = ModelSpec(backbone, FUSION.get(name, "concat"), shapes, CLASSES)
+    spec = ModelSpec(backbone, fusion or FUSION.get(name, "concat"), shapes, CLASSES)
     hp = cls.HParams.model_validate(PARAMS.get(name, {}))
     train = TrainSpec(epochs=2, optimizer={"name": "sgd", "lr": 1e-3, "momentum": 0.9}, scheduler={"name": "none"})
     cls.check(spec, hp)
@@ -109,6 +110,10 @@ def run_backbone(backbone: str, shapes: dict[str, list[int]], args: argparse.Nam
             label = name if len(EPOCHS.get(name, [0])) == 1 else f"{name} s{epoch + 1} {method_stage(method, epoch)}"
             method.on_epoch_start(epoch_ctx(epoch, raw, device))
             cases.append(Case(label, method, epoch, []))
+    for name, fusion in EXTRA:
+        method = build(name, backbone, shapes, device, fusion)
+        method.on_epoch_start(epoch_ctx(0, raw, device))
+        cases.append(Case(f"{name} ({fusion})", method, 0, []))
     for c in cases:
         c.passes = count_passes(c, inputs, labels)
     for r in range(args.warmup + args.steps):

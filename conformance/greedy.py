@@ -117,6 +117,8 @@ def main() -> None:
     ap.add_argument("--classes", type=int, default=40)
     ap.add_argument("--running-average", default="official", choices=["official", "fixed"])
     ap.add_argument("--seed", type=int, default=0, help="initial weights and batches")
+    ap.add_argument("--scale0", type=float, default=1.0,
+                    help="multiply the first view (e.g. 0: an uninformative first branch, so curation cares for it)")
     args = ap.parse_args()
 
     stub_modules()
@@ -137,6 +139,8 @@ def main() -> None:
     g = torch.Generator().manual_seed(1000 + args.seed)
     batches = [(torch.arange(B), torch.randn(B, 2, 3, H, H, generator=g), torch.randint(0, C, (B,), generator=g))
                for _ in range(S * E)]
+    for _, x, _ in batches:
+        x[:, 0] *= args.scale0
 
     bias = ocb.Bias_Mitigation_Strong(epsilon=0.01, curation_windowsize=5, branchnames=["net_view_0", "net_view_1"],
                                       starting_epoch=2, MMTMnames=["visual", "skeleton"])
@@ -185,7 +189,7 @@ def main() -> None:
                          "bn": {k: v.clone() for k, v in method.model.state_dict().items() if "running" in k}})
 
     print(f"Greedy conformance: running_average={args.running_average}, seed {args.seed}, {E} epochs x {S} steps, batch {B}, "
-          f"{H}x{H} views, {len(orec.grads)} official / {len(prec.grads)} mmbench optimizer steps")
+          f"{H}x{H} views (first x{args.scale0}), {len(orec.grads)} official / {len(prec.grads)} mmbench optimizer steps")
     print(f"{'step':>4} {'ep':>2} {'grad rel':>9} {'param rel':>9} {'BN rel':>9} {'avg rel':>9} {'d_BDR off':>10} "
           f"{'d_BDR diff':>10} {'next: official / mmbench':>26}")
     worst, bitwise, same_state = 0.0, True, True
