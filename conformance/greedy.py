@@ -190,7 +190,8 @@ def main() -> None:
 
     print(f"Greedy conformance: running_average={args.running_average}, seed {args.seed}, {E} epochs x {S} steps, batch {B}, "
           f"{H}x{H} views (first x{args.scale0}), {len(orec.grads)} official / {len(prec.grads)} mmbench optimizer steps")
-    print(f"{'step':>4} {'ep':>2} {'grad rel':>9} {'param rel':>9} {'BN rel':>9} {'avg rel':>9} {'d_BDR off':>10} "
+    print(f"{'step':>4} {'ep':>2} {'grad abs':>9} {'grad rel':>9} {'param abs':>9} {'param rel':>9} {'BN rel':>9} "
+          f"{'avg rel':>9} {'d_BDR off':>10} "
           f"{'d_BDR diff':>10} {'next: official / mmbench':>26}")
     worst, bitwise, same_state = 0.0, True, True
     for t in range(min(len(orec.grads), len(prec.grads))):
@@ -199,8 +200,8 @@ def main() -> None:
         if set(og) != set(prec.grads[t]):
             print(f"step {t}: tensors with gradients differ: {sorted(set(og) ^ set(prec.grads[t]))}")
             same_state = False
-        _, gr = diff(og, prec.grads[t])
-        _, pr = diff(op, prec.params[t])
+        ga, gr = diff(og, prec.grads[t])
+        pa, pr = diff(op, prec.params[t])
         o, p = official_steps[t], ours[t]
         _, br = diff(o["bn"], p["bn"])
         _, ar = diff(o["avg"], p["avg"])
@@ -210,7 +211,7 @@ def main() -> None:
         same_state &= state_o == state_p
         worst = max(worst, gr, pr, br, ar)
         bitwise &= all(torch.equal(v, prec.params[t][k]) for k, v in op.items())
-        print(f"{t:>4} {t // S:>2} {gr:9.2e} {pr:9.2e} {br:9.2e} {ar:9.2e} {o['d_bdr']:10.5f} {dd:10.2e} "
+        print(f"{t:>4} {t // S:>2} {ga:9.2e} {gr:9.2e} {pa:9.2e} {pr:9.2e} {br:9.2e} {ar:9.2e} {o['d_bdr']:10.5f} {dd:10.2e} "
               f"{state_o + ' / ' + state_p:>26}")
     print(f"max relative difference {worst:.2e}; parameters bitwise equal: {bitwise}; "
           f"same curation decisions: {same_state}")
