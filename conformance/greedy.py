@@ -14,7 +14,7 @@ ModelSpec(resnet18, mmtm) with the first view as a 3-channel "audio" image and t
 gradients the optimizer used, the parameters after the step, the BN buffers, the MMTM running-average
 excitations, d_BDR and the curation state the step leaves for the next one.
 
-Driven without editing the checkout: modules imported only for data, configuration and logging (gin, argh,
+Driven without editing the checkout: modules imported only for data, configuration and logging (gin, argh, tqdm,
 src.dataset) are stubbed in sys.modules (gin.configurable = identity, so every default is the code's own
 and the gin file's values are passed explicitly); the MMTM blocks put their running averages on
 "cuda:<device>" when built, so while the model is constructed `Tensor.to("cuda:…")` is pointed at the CPU.
@@ -200,7 +200,7 @@ def main() -> None:
         if set(og) != set(prec.grads[t]):
             print(f"step {t}: tensors with gradients differ: {sorted(set(og) ^ set(prec.grads[t]))}")
             same_state = False
-        ga, gr = diff(og, prec.grads[t])
+        ga, gr = diff({k: v for k, v in og.items() if k in prec.grads[t]}, prec.grads[t])
         pa, pr = diff(op, prec.params[t])
         o, p = official_steps[t], ours[t]
         _, br = diff(o["bn"], p["bn"])
