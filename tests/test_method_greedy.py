@@ -180,6 +180,12 @@ def test_no_curation_before_the_starting_epoch():
     assert states == [(False, 0)] * 3 and computed == [0.5, -0.5, 0.5]
 
 
+def test_rebalance_off_measures_but_never_curates():
+    m = make(rebalance=False)
+    states, computed = drive(m, [0.5, -0.5], epoch=3)
+    assert states == [(False, 0)] * 2 and computed == [0.5, -0.5]
+
+
 def test_curation_window_and_caring_direction():
     m = make(epsilon=0.01, window=3)
     states, computed = drive(m, [0.005, -0.2, 0.3, 0.0], epoch=1)

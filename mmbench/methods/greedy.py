@@ -61,6 +61,8 @@ class GreedyHParams(HParams):
                                                      "starting_epoch=2 counts from 1, i.e. epoch 1 here",
                                 json_schema_extra={"search": [0, 1, 2]})
     ratio: int = Field(4, ge=1, description="MMTM bottleneck ratio: hidden width = 2 (C_0 + C_1) / ratio (official 4)")
+    rebalance: bool = Field(True, description="false = the paper's vanilla baseline: the same MMTM network and "
+                                               "branch-sum loss, d_BDR still measured and logged, never curated")
     running_average: Literal["fixed", "official"] = Field(
         "fixed", description="fixed = each branch's own running excitation; official = the released bug that "
                              "updates the second branch's average with the first branch's excitation")
@@ -160,7 +162,7 @@ class Greedy(Method):
 
     def advance_curation(self, epoch: int) -> None:
         """The official `on_backward_end`: decide the curation state of the NEXT step."""
-        if epoch < self.ghp.starting_epoch:
+        if epoch < self.ghp.starting_epoch or not self.ghp.rebalance:
             self.accumulate_speed()
             self.curation, self.caring = False, 0
         elif not self.curation:
@@ -210,5 +212,5 @@ class Greedy(Method):
         self.caring = int(state.get("caring", 0))
 
     def describe_run(self) -> dict[str, Any]:
-        return {**super().describe_run(), "running_average": self.ghp.running_average,
+        return {**super().describe_run(), "running_average": self.ghp.running_average, "rebalance": self.ghp.rebalance,
                 "mmtm_stages": sorted(int(i) for i in self.mmtm_model.mmtm), "loss": "sum of branch-head CEs"}
