@@ -44,7 +44,8 @@ PARAMS: dict[str, dict[str, Any]] = {
     "gblending": {"probe_epochs": 1},  # the per-epoch probes are not timed; keep the set-up short
 }
 EPOCHS: dict[str, list[int]] = {"mie": [0, 1]}  # epochs to time: one per stage kind
-FUSION: dict[str, str] = {"mla": "shared"}  # methods defined on their own head; the rest use concat
+FUSION: dict[str, str] = {"mla": "shared", "greedy": "mmtm"}  # methods defined on their own head/architecture
+EXTRA: list[tuple[str, str]] = [("joint", "mmtm")]  # (method, fusion): an architecture's own cost, e.g. Greedy's MMTM
 
 
 @dataclass
@@ -57,10 +58,10 @@ class Case:
 
 
 def build(name: str, backbone: str, shapes: dict[str, list[int]], device: torch.device,
-          params: dict[str, Any] | None = None) -> Method:
+          params: dict[str, Any] | None = None, fusion: str | None = None) -> Method:
     torch.manual_seed(0)
     cls = METHODS.get(name)
-    spec = ModelSpec(backbone, FUSION.get(name, "concat"), shapes, CLASSES)
+    spec = ModelSpec(backbone, fusion or FUSION.get(name, "concat"), shapes, CLASSES)
     hp = cls.HParams.model_validate(params if params is not None else PARAMS.get(name, {}))
     train = TrainSpec(epochs=2, optimizer={"name": "sgd", "lr": 1e-3, "momentum": 0.9}, scheduler={"name": "none"})
     cls.check(spec, hp)
@@ -124,6 +125,10 @@ def run_backbone(backbone: str, shapes: dict[str, list[int]], args: argparse.Nam
             label = name if len(EPOCHS.get(name, [0])) == 1 else f"{name} s{epoch + 1} {method_stage(method, epoch)}"
             method.on_epoch_start(epoch_ctx(epoch, raw, device))
             cases.append(Case(label, method, epoch, []))
+    for name, fusion in EXTRA:
+        method = build(name, backbone, shapes, device, fusion)
+        method.on_epoch_start(epoch_ctx(0, raw, device))
+        cases.append(Case(f"{name} ({fusion})", method, 0, []))
     for c in cases:
         c.passes = count_passes(c, inputs, labels)
     for r in range(args.warmup + args.steps):

@@ -65,7 +65,12 @@ def build_classifier(
     layer's own init."""
     encoders = {m: build_encoder(backbone, m, shape) for m, shape in input_shapes.items()}
     head = build_fusion(fusion, {m: e.out_dim for m, e in encoders.items()}, num_classes)
-    model = MultimodalClassifier(encoders, head)
+    if fusion == "mmtm":  # the fusion is an architecture: MMTM blocks between the encoders (Greedy)
+        from mmbench.models.mmtm import MMTMClassifier
+
+        model: MultimodalClassifier = MMTMClassifier(encoders, head)
+    else:
+        model = MultimodalClassifier(encoders, head)
     if init == "repo":
         model.apply(weight_init)
     return model

@@ -5,7 +5,8 @@ estimator, so a run records which definition of "audio accuracy" its numbers use
 - concat: the fused head with every other modality held at its mean feature (`mean-feature`);
 - sum: each branch's own linear head (`branch-head`);
 - film / gated: the fused head with the other modality's feature at its mean (`mean-feature`);
-- shared: the one head every modality shares, applied to that modality alone (`branch-head`).
+- shared: the one head every modality shares, applied to that modality alone (`branch-head`);
+- mmtm: each branch's own head, after the MMTM blocks coupled the encoders (`branch-head`).
 `split_logits` is OGM-GE's raw split (concat: W_m phi_m + b/M; sum: the branch head), which
 OGM-GE's coefficient uses and which is logged as `acc_split/<m>` for comparison with papers.
 """
@@ -120,6 +121,16 @@ class SharedHeadFusion(Fusion):
 
     def split_logits(self, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {m: self.head(feats[m]) for m in self.modalities}
+
+
+@FUSIONS.register("mmtm")
+class MMTMHeadsFusion(SumFusion):
+    """Greedy's architecture (mmbench/models/mmtm.py): MMTM blocks couple the encoders, each branch keeps
+    its own linear head, and the fused logits are the MEAN of the branch heads' (the official
+    `(x_0 + x_1) / 2`). Choosing this fusion builds the MMTM blocks too."""
+
+    def forward(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        return super().forward(feats) / len(self.modalities)
 
 
 def _two(dims: dict[str, int], name: str) -> tuple[str, str]:
