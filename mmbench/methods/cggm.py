@@ -75,15 +75,20 @@ class UnimodalClassifier(nn.Module):
         return self.out_layer(F.relu(self.proj1(self.proj1(x))))
 
 
-def partner_weights(fusion: Fusion) -> dict[str, torch.Tensor]:
-    """The fusion head's output weights that act on each modality (what classifier m's weights are compared with)."""
+def partner_refs(fusion: Fusion) -> dict[str, tuple[nn.Parameter, slice | None]]:
+    """Which fusion-head output weight (and which column block of it) acts on each modality: what
+    classifier m's output weight is compared with."""
     if isinstance(fusion, ConcatFusion):
-        return {m: fusion.fc.weight[:, sl] for m, sl in fusion.weight_slices().items()}
+        return {m: (fusion.fc.weight, sl) for m, sl in fusion.weight_slices().items()}
     if isinstance(fusion, SumFusion):
-        return {m: fusion.heads[m].weight for m in fusion.modalities}
+        return {m: (fusion.heads[m].weight, None) for m in fusion.modalities}
     if isinstance(fusion, SharedHeadFusion):
-        return {m: fusion.head.weight for m in fusion.modalities}
+        return {m: (fusion.head.weight, None) for m in fusion.modalities}
     raise TypeError(f"cggm has no per-modality output weights for {type(fusion).__name__}")
+
+
+def partner_weights(fusion: Fusion) -> dict[str, torch.Tensor]:
+    return {m: w if sl is None else w[:, sl] for m, (w, sl) in partner_refs(fusion).items()}
 
 
 def coefficients(acc: list[float], acc_prev: list[float]) -> list[float]:
@@ -95,7 +100,13 @@ def coefficients(acc: list[float], acc_prev: list[float]) -> list[float]:
 
 def cosines(cls_w: list[torch.Tensor], partners: list[torch.Tensor]) -> list[torch.Tensor]:
     """cos between each flattened classifier output weight and its flattened fusion partner (`cal_cos`)."""
-    return [F.cosine_similarity(c.reshape(-1), p.reshape(-1), dim=0) for c, p in zip(cls_w, partners)]
+    return [F.cosine_similarity(flat(c), flat(p), dim=0) for c, p in zip(cls_w, partners)]
+
+
+def flat(x: torch.Tensor) -> torch.Tensor:
+    """x flattened; a flat x as is (no new view node: the code flattens its fusion weight once for all cosines,
+    and where the cosines' gradients meet changes the float sum)."""
+    return x if x.dim() == 1 else x.reshape(-1)
 
 
 def guidance_loss(coeff: list[float], cos: list[torch.Tensor]) -> torch.Tensor:
@@ -150,8 +161,16 @@ class CGGM(Method):
         """The previous step's l_gm at its own weight values, differentiable w.r.t. the current fusion weights."""
         if self.coeff is None:
             return None
-        now = partner_weights(self.model.fusion)
-        partners = [old + (now[m] - now[m].detach()) for m, old in zip(self.modalities, self.partner_w)]
+        refs = partner_refs(self.model.fusion)
+        live: dict[tuple[int, int | None], torch.Tensor] = {}
+        partners = []
+        for m, old in zip(self.modalities, self.partner_w):
+            w, sl = refs[m]
+            key = (id(w), None if sl is None else sl.start)
+            if key not in live:  # one flat node per weight, as the code's one `fgn`: the cosines' gradients meet there
+                now = w if sl is None else w[:, sl]
+                live[key] = (old + (now - now.detach())).reshape(-1)
+            partners.append(live[key])
         return guidance_loss(self.coeff, cosines(self.cls_w, partners))
 
     def update(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor, ctx: StepContext) -> dict[str, Any]:
@@ -159,11 +178,13 @@ class CGGM(Method):
         assert self.cls_optimizer is not None
         mods = self.modalities
         self.zero_grad()
+        # built before the forward, as the code's graph was built in the previous step: the autograd engine
+        # then meets its gradient last, and the head's gradient is summed in the same order
+        l_gm_prev = self.previous_guidance()
         with self.autocast():
             feats = self.model.encode(inputs)
             fused = self.model.fusion(feats)
             ce = F.cross_entropy(fused, labels)
-        l_gm_prev = self.previous_guidance()
         loss = ce if l_gm_prev is None else ce + hp.lamda * l_gm_prev
         self.backward(loss)
         self.unscale()
