@@ -202,7 +202,7 @@ def main() -> None:
             mock.patch.object(torch.cuda, "device", lambda *a, **k: contextlib.nullcontext()):
         official.train_model(settings, hyp, [official_batch(*b) for b in train], [official_batch(*b) for b in valid],
                              [official_batch(*b) for b in valid])
-    o_loss = [float(x) for x in losses[::1 + len(mods)]]
+    o_loss = [float(x.detach()) for x in losses[::1 + len(mods)]]
     bn_off = {k: v for k, v in model.state_dict().items() if "running" in k}
 
     # ---- mmbench ----------------------------------------------------------------------------------------

@@ -80,7 +80,7 @@ def test_the_direction_loss_reaches_the_fusion_weights_one_step_stale():
     want_value = guidance_loss(m.coeff, cos)
     want_value.backward()
     got = m.previous_guidance()
-    assert float(got.detach()) == pytest.approx(float(want_value), rel=1e-6)
+    assert float(got.detach()) == pytest.approx(float(want_value.detach()), rel=1e-6)
     w.grad = None
     got.backward()
     torch.testing.assert_close(w.grad, leaf.grad, rtol=1e-6, atol=1e-9)
