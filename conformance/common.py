@@ -40,13 +40,30 @@ def export_tree(repo: str, commit: str) -> Path:
     return out
 
 
+class _AnyMeta(type):
+    def __getattr__(cls, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _Any
+
+
+class _Any(metaclass=_AnyMeta):
+    """A harmless class whose every attribute is itself (type hints, base classes of unused imports)."""
+
+    def __init__(self, *a: Any, **k: Any) -> None:
+        pass
+
+    def __class_getitem__(cls, item: Any) -> Any:
+        return cls
+
+
 class _Anything(types.ModuleType):
-    """A stub module: any attribute is a harmless class (for imports the step never uses)."""
+    """A stub module: any attribute is `_Any` (for imports the step never uses)."""
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__"):
             raise AttributeError(name)
-        return type(name, (), {"__init__": lambda self, *a, **k: None})
+        return _Any
 
 
 def stub_modules(*names: str) -> None:
@@ -163,3 +180,54 @@ def report(rows: list[tuple[int, str, float, float, int]], tol: float = 1e-5) ->
     print(f"\nmax rel diff {worst:.3e}; bitwise: {'yes' if bitwise else 'no'}; "
           f"{'within' if worst <= tol else 'BEYOND'} {tol:g}")
     return 0 if worst <= tol else 1
+
+
+# ---- BalanceBenchmark (GeWu-Lab/BalanceBenchmark) trainers ----------------------------------------
+BB_COMMIT = "4c1482fca5aaa8d4278af8e26020daa039e3ccf3"
+BB_STUBS = ("bbmm.trainer.base_trainer", "bbmm.models.avclassify_model", "bbmm.evaluation.complex",
+            "bbmm.evaluation.modalitys", "bbmm.evaluation.precisions", "lightning", "lightning.fabric",
+            "lightning.fabric.loggers", "lightning_utilities")
+
+
+def load_bb_trainer(repo: str, file: str, commit: str = BB_COMMIT) -> types.ModuleType:
+    """Import one trainer file of BalanceBenchmark unchanged, its imports (Lightning, the base trainer,
+    evaluation helpers: none used by `training_step`) stubbed."""
+    tree = export_tree(repo, commit)
+    stub_modules(*BB_STUBS)
+    stem = Path(file).stem
+    return load_file(tree / "balancemm" / "trainer" / file, f"bbmm.trainer.{stem}", package="bbmm.trainer")
+
+
+class BBModel(torch.nn.Module):
+    """mmbench's model behind BalanceBenchmark's model interface (`modalitys`, `encoder_result`,
+    `unimodal_result`, `fusion_module.fc_out`, `device`), for a concat head. Its per-modality logits
+    re-state BalanceBenchmark's `unimodality_calculate` (W_m phi_m + b/M; 'output' the fused logits);
+    its trainers at the pinned commit call that method `Unimodality_Calculate`."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = model
+        self.modalitys = list(model.modalities)
+        self.fusion_module = types.SimpleNamespace(fc_out=model.fusion.fc)
+        self.device = torch.device("cpu")
+
+    def forward(self, batch: dict[str, torch.Tensor], **kw: Any) -> Any:
+        feats = self.inner.encode({m: batch[m] for m in self.modalitys})
+        self.encoder_result = {**feats, "output": self.inner.fusion(feats)}
+        self.unimodality_calculate()
+        return self.encoder_result, self.unimodal_result, self.prediction
+
+    def unimodality_calculate(self) -> dict[str, torch.Tensor]:
+        fc = self.fusion_module.fc_out
+        n, now = len(self.modalitys), 0
+        self.unimodal_result, self.prediction = {}, {}
+        for m in self.modalitys:
+            d = self.encoder_result[m].shape[1]
+            self.unimodal_result[m] = torch.mm(self.encoder_result[m], torch.transpose(fc.weight[:, now:now + d], 0, 1)) + fc.bias / n
+            now += d
+        self.unimodal_result["output"] = self.encoder_result["output"]
+        for k, v in self.unimodal_result.items():
+            self.prediction[k] = torch.argmax(torch.softmax(v, dim=1), dim=1)
+        return self.unimodal_result
+
+    Unimodality_Calculate = unimodality_calculate
