@@ -34,8 +34,10 @@ SHAPES = {
 }
 FULL = {"audio": [1, 257, 188], "visual": [1, 3, 224, 224]}
 CLASSES = 6
-PARAMS: dict[str, dict[str, Any]] = {"mie": {"epoch_list": [1, 1]}}  # a two-epoch schedule to reach stage 2
+PARAMS: dict[str, dict[str, Any]] = {"mie": {"epoch_list": [1, 1]},  # a two-epoch schedule to reach stage 2
+                                     "opm": {"warmup_epochs": 0, "p_exe": 1.0}}  # time the drop itself
 EPOCHS: dict[str, list[int]] = {"mie": [0, 1]}  # epochs to time: one per stage kind
+FUSION: dict[str, str] = {"mla": "shared"}  # methods defined on their own head; the rest use concat
 
 
 @dataclass
@@ -50,7 +52,7 @@ class Case:
 def build(name: str, backbone: str, shapes: dict[str, list[int]], device: torch.device) -> Method:
     torch.manual_seed(0)
     cls = METHODS.get(name)
-    spec = ModelSpec(backbone, "concat", shapes, CLASSES)
+    spec = ModelSpec(backbone, FUSION.get(name, "concat"), shapes, CLASSES)
     hp = cls.HParams.model_validate(PARAMS.get(name, {}))
     train = TrainSpec(epochs=2, optimizer={"name": "sgd", "lr": 1e-3, "momentum": 0.9}, scheduler={"name": "none"})
     cls.check(spec, hp)
