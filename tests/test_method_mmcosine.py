@@ -133,3 +133,12 @@ def test_end_to_end(mm_env: Path, cli):
     assert status == "completed"
     assert "cosine-branch" in (env or "")
     assert {"method/logit_audio", "method/logit_visual", "acc/audio", "acc/visual"} <= names
+
+
+@pytest.mark.parametrize("method", ["mmcosine", "cml", "mbsd", "lfm"])
+def test_cli_refuses_film_before_training(mm_env: Path, cli, method):
+    """The four methods that read each modality's block of the head refuse film with the reason."""
+    code, out = cli("sweep", write_recipe(mm_env / "r.yaml", methods=f"[{method}]"), "--set", "model.fusion=film")
+    assert code == 2, out
+    assert "film" in out and "additive" in out
+    assert not list(mm_env.rglob("config.json"))
