@@ -14,7 +14,7 @@ Staged methods are timed in each stage kind: MIE in its first stage (audio branc
 its second (visual branch with the flat projection). ResNet18 inputs default to a reduced size
 so a CPU run takes a few minutes; `--full-size` uses CREMA-D's ogm-ge shapes.
 
-    .venv/bin/python benchmarks/method_step.py [--batch 4] [--steps 5] [--warmup 2] [--device cpu]
+    .venv/bin/python benchmarks/method_step.py [--batch 4] [--steps 5] [--warmup 2] [--device cpu] [--methods a,b]
 """
 from __future__ import annotations
 
@@ -116,6 +116,8 @@ def run_backbone(backbone: str, shapes: dict[str, list[int]], args: argparse.Nam
     raw = {**inputs, "label": labels}
     cases: list[Case] = []
     for name in METHODS.names():
+        if args.methods and name != "joint" and name not in args.methods.split(","):
+            continue
         for epoch in EPOCHS.get(name, [0]):
             try:
                 method = build(name, backbone, shapes, device)
@@ -160,6 +162,7 @@ def main() -> None:
     ap.add_argument("--backbones", default="tiny,resnet18")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--full-size", action="store_true", help="ResNet18 on CREMA-D ogm-ge input sizes")
+    ap.add_argument("--methods", default="", help="comma-separated methods to time (joint always); default all")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
