@@ -212,3 +212,31 @@ def test_end_to_end(tmp_path, monkeypatch):
     con.close()
     assert status == [("completed",), ("completed",)]
     assert {"acc/audio", "acc/visual", "method/coef_audio", "method/scale_visual", "method/loss_audio"} <= names
+
+
+THREE = """
+name: three
+dataset: {name: synthetic, protocol: three}
+model: {backbone: tiny, fusion: concat}
+train:
+  epochs: 2
+  batch_size: 32
+  optimizer: {name: sgd, lr: 0.01, momentum: 0.9}
+methods: [{name: arl, start: 0}]
+seeds: [0]
+"""
+
+
+def test_synthetic_three(tmp_path, monkeypatch):
+    monkeypatch.setenv("MMBENCH_DATA", str(tmp_path / "data"))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(THREE)
+    db = tmp_path / "r.db"
+    assert run_cli(monkeypatch, "sweep", str(recipe), "--db", f"sqlite:///{db}", "--runs-dir", str(tmp_path / "runs"),
+                   "--device", "cpu") == 0
+    con = sqlite3.connect(db)
+    status = con.execute("select status from run where method = 'arl'").fetchall()
+    names = {n for (n,) in con.execute("select distinct name from epoch_metric")}
+    con.close()
+    assert status == [("completed",)]
+    assert {"acc/text", "method/coef_text", "method/scale_text", "imbalance_ratio"} <= names

@@ -167,13 +167,19 @@ class ARL(Method):
         self.backward(loss)
         if hp.clip_norm is not None:
             self.unscale()
-            nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=hp.clip_norm, norm_type=2)
+            nn.utils.clip_grad_norm_(self.clip_order(), max_norm=hp.clip_norm, norm_type=2)
         self.optimizer_step()
         logs: dict[str, Any] = {"loss": loss.detach(), "loss_fused": loss_f.detach()}
         for m in self.modalities:
             logs.update({f"loss_{m}": uni[m].detach(), f"coef_{m}": w[m], f"scale_{m}": applied[m],
                          f"dependence_{m}": a[m], f"entropy_{m}": ent[m], f"bias_{m}": float(bias[m])})
         return logs
+
+    def clip_order(self) -> list[nn.Parameter]:
+        """The code's model lists the fusion head before the encoders; the total norm sums the squares
+        in that order, so the same order gives the same clipping factor to the last bit."""
+        model = self.model
+        return [*model.fusion.parameters(), *(p for m in self.modalities for p in model.encoders[m].parameters())]
 
     def extra_state(self) -> dict[str, Any]:
         return {"scale": dict(self.scale)}
