@@ -29,9 +29,9 @@ the encoders read the coefficients when the forward runs, so a step uses the coe
 previous step (0.5 at the first step after warm-up). The run records which ran.
 
 The coefficient arithmetic repeats the code's dtypes (float32 statistics, the entropy sum in float64, the
-floor in float32) so mmbench's w equals the code's bit for bit. The gradient is scaled on the pooled
-feature rather than the encoder's last map (average pooling is linear, so the result is the same; bitwise
-when the pooled size is a power of two). The code also requires a non-zero unimodal validation accuracy
+floor in float32) so mmbench's w equals the code's bit for bit. The gradient is scaled where the code
+scales it, on the CNN trunk's last map before pooling, and the gradient norm is clipped over the head's
+parameters first, then the encoders' (the code's parameter order), so the step is the code's bit for bit. The code also requires a non-zero unimodal validation accuracy
 from the previous epoch before it switches to gamma (`(acc_v + acc_a) != 0`); mmbench does not read
 validation inside a step and drops that guard.
 
@@ -40,7 +40,8 @@ internal unimodal logits are the code's zero-others / branch-head ones described
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+import contextlib
+from typing import Any, Iterator, Literal
 
 import numpy as np
 import torch
@@ -147,10 +148,8 @@ class ARL(Method):
         hp = self.ahp
         active = ctx.epoch > hp.start
         self.zero_grad()
-        with self.autocast():
+        with self.autocast(), self.scaled_encoders(active):
             feats = self.model.encode(inputs)
-            if active:
-                feats = {m: GradScale.apply(f, torch.tensor(self.scale[m], dtype=torch.float32)) for m, f in feats.items()}
             fused = self.model.fusion(feats)
             aux = auxiliary_logits(self.model.fusion, feats)
             loss_f = F.cross_entropy(fused, labels)
@@ -174,6 +173,25 @@ class ARL(Method):
             logs.update({f"loss_{m}": uni[m].detach(), f"coef_{m}": w[m], f"scale_{m}": applied[m],
                          f"dependence_{m}": a[m], f"entropy_{m}": ent[m], f"bias_{m}": float(bias[m])})
         return logs
+
+    @contextlib.contextmanager
+    def scaled_encoders(self, active: bool) -> Iterator[None]:
+        """While active, every encoder's output passes through GradScale where the code puts it: on the
+        CNN trunk's last map, before pooling (a feature encoder, which has no trunk, on its pooled output).
+        Scaling after the pool instead is the same in exact arithmetic but rounds differently when the
+        pooled size is not a power of two, and those last bits grow over steps."""
+        handles = []
+        if active:
+            for m in self.modalities:
+                enc = self.model.encoders[m]
+                w = torch.tensor(self.scale[m], dtype=torch.float32)
+                target = getattr(enc, "trunk", enc)
+                handles.append(target.register_forward_hook(lambda mod, inp, out, w=w: GradScale.apply(out, w)))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
 
     def clip_order(self) -> list[nn.Parameter]:
         """The code's model lists the fusion head before the encoders; the total norm sums the squares
