@@ -35,8 +35,9 @@ SHAPES = {
 FULL = {"audio": [1, 257, 188], "visual": [1, 3, 224, 224]}
 CLASSES = 6
 PARAMS: dict[str, dict[str, Any]] = {"mie": {"epoch_list": [1, 1]},  # a two-epoch schedule to reach stage 2
-                                     "opm": {"warmup_epochs": 0, "p_exe": 1.0}}  # time the drop itself
-EPOCHS: dict[str, list[int]] = {"mie": [0, 1]}  # epochs to time: one per stage kind
+                                     "opm": {"warmup_epochs": 0, "p_exe": 1.0},  # time the drop itself
+                                     "arl": {"start": 0}}  # epoch 1 is past warm-up: gradients scaled
+EPOCHS: dict[str, list[int]] = {"mie": [0, 1], "arl": [1]}  # epochs to time: one per stage kind
 FUSION: dict[str, str] = {"mla": "shared"}  # methods defined on their own head; the rest use concat
 
 
