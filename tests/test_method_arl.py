@@ -240,3 +240,12 @@ def test_synthetic_three(tmp_path, monkeypatch):
     con.close()
     assert status == [("completed",)]
     assert {"acc/text", "method/coef_text", "method/scale_text", "imbalance_ratio"} <= names
+
+
+def test_official_recipe_dry_runs(cli, mm_env):
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "arl.yaml"
+    code, out = cli("sweep", str(recipe), "--dry-run")
+    assert code == 0, out
+    assert "weights=paper" in out and "weights=code" in out
