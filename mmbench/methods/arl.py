@@ -95,13 +95,15 @@ def auxiliary_logits(fusion: Fusion, feats: dict[str, torch.Tensor]) -> dict[str
 
 def variance_and_bias(logits: dict[str, torch.Tensor]) -> tuple[dict[str, float], dict[str, Any]]:
     """H_m (batch-mean entropy, a Python float as the code's `.item()`) and B_m (sum over classes of the
-    batch-mean |z_m|, a float32 numpy scalar as the code's `.numpy()`)."""
-    ent, bias = {}, {}
-    for m, z in logits.items():
+    batch-mean |z_m|, a float32 numpy scalar as the code's `.numpy()`). One transfer to the host per step."""
+    stats = []
+    for z in logits.values():
         z = z.detach().float()
-        bias[m] = torch.mean(torch.abs(z), 0).sum().cpu().numpy()
         p = torch.softmax(z, dim=1)
-        ent[m] = torch.sum(-p * torch.log(p + 1e-16), dim=1).mean().cpu().numpy().item()
+        stats += [torch.mean(torch.abs(z), 0).sum(), torch.sum(-p * torch.log(p + 1e-16), dim=1).mean()]
+    host = torch.stack(stats).cpu().numpy()
+    bias = {m: host[2 * i] for i, m in enumerate(logits)}
+    ent = {m: host[2 * i + 1].item() for i, m in enumerate(logits)}
     return ent, bias
 
 
