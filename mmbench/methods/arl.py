@@ -31,9 +31,10 @@ previous step (0.5 at the first step after warm-up). The run records which ran.
 The coefficient arithmetic repeats the code's dtypes (float32 statistics, the entropy sum in float64, the
 floor in float32) so mmbench's w equals the code's bit for bit. The gradient is scaled where the code
 scales it, on the CNN trunk's last map before pooling, and the gradient norm is clipped over the head's
-parameters first, then the encoders' (the code's parameter order), so the step is the code's bit for bit. The code also requires a non-zero unimodal validation accuracy
-from the previous epoch before it switches to gamma (`(acc_v + acc_a) != 0`); mmbench does not read
-validation inside a step and drops that guard.
+parameters first, then the encoders' (the code's parameter order), so the step is the code's bit for
+bit (conformance/arl.py). The code also requires a non-zero unimodal validation accuracy from the
+previous epoch before it switches to gamma (`(acc_v + acc_a) != 0`); mmbench does not read validation
+inside a step and drops that guard.
 
 Per-modality accuracy (metrics) uses the fusion's own estimator (concat: mean-feature); the method's
 internal unimodal logits are the code's zero-others / branch-head ones described above.
