@@ -42,8 +42,9 @@ PARAMS: dict[str, dict[str, Any]] = {
     "mie": {"epoch_list": [1, 1]},  # a two-epoch schedule to reach stage 2
     "opm": {"warmup_epochs": 0, "p_exe": 1.0},  # time the drop itself
     "gblending": {"probe_epochs": 1},  # the per-epoch probes are not timed; keep the set-up short
+    "arl": {"start": 0},  # epoch 1 is past warm-up: gradients scaled
 }
-EPOCHS: dict[str, list[int]] = {"mie": [0, 1]}  # epochs to time: one per stage kind
+EPOCHS: dict[str, list[int]] = {"mie": [0, 1], "arl": [1]}  # epochs to time: one per stage kind
 FUSION: dict[str, str] = {"mla": "shared", "greedy": "mmtm"}  # methods defined on their own head/architecture
 EXTRA: list[tuple[str, str]] = [("joint", "mmtm")]  # (method, fusion): an architecture's own cost, e.g. Greedy's MMTM
 
