@@ -237,3 +237,16 @@ def test_end_to_end_two_epochs(mm_env: Path, cli) -> None:
     assert got[(1, "method/window_k")] == 1.0  # epoch 1: (t0/10 - 0) / (t0/10)
     assert got[(0, "method/fisher_trace")] > 0
     assert got[(0, "method/beta_audio")] + got[(0, "method/beta_visual")] > 0
+
+
+def test_per_loss_backward_matches_summed():
+    grads = {}
+    for mode in ("summed", "per-loss"):
+        m = make(backward=mode)
+        m.on_epoch_start(ectx(0))
+        m.update(*batch(), ctx())
+        m.update(*batch(seed=2), ctx(step=1))
+        grads[mode] = {n: p.grad.clone() for n, p in m.model.named_parameters()}
+        assert m.describe_run()["backward_passes"] == (1 if mode == "summed" else 3)
+    for n, g in grads["summed"].items():
+        torch.testing.assert_close(grads["per-loss"][n], g, rtol=1e-4, atol=1e-6)
