@@ -41,7 +41,15 @@ def export_official(path: str) -> tuple[Path, str]:
         return p, commit
     commit = subprocess.run(["git", "--git-dir", str(p), "rev-parse", "HEAD"], capture_output=True, text=True,
                             check=True).stdout.strip()
-    blob = subprocess.run(["git", "--git-dir", str(p), "archive", "HEAD"], capture_output=True, check=True).stdout
+    # a mirror may lack some blobs (large checkpoints): export exactly the HEAD paths whose blobs are present
+    tree = subprocess.run(["git", "--git-dir", str(p), "ls-tree", "-r", "-z", "HEAD"], capture_output=True, check=True).stdout
+    entries = [e.split(b"\t", 1) for e in tree.split(b"\0") if e]
+    shas = b"\n".join(meta.split()[2] for meta, _ in entries) + b"\n"
+    check = subprocess.run(["git", "--git-dir", str(p), "cat-file", "--batch-check"], input=shas, capture_output=True,
+                           check=True).stdout.decode().splitlines()
+    present = [path.decode() for (meta, path), line in zip(entries, check) if not line.endswith("missing")]
+    blob = subprocess.run(["git", "--git-dir", str(p), "archive", "HEAD", "--", *present], capture_output=True,
+                          check=True).stdout
     out = Path(tempfile.mkdtemp(prefix="official-"))
     with tarfile.open(fileobj=BytesIO(blob)) as tar:
         tar.extractall(out, filter="data")

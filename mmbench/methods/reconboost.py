@@ -108,8 +108,9 @@ def reconcile_loss(out_m: torch.Tensor, q_soft: torch.Tensor, labels: torch.Tens
     """Per-sample loss of the code: -w1 mean_c(t * log p) + w2 mean_c(t * q * log p), t one-hot, q the
     others' softmax (B, C) or ones (B, 1) for an empty ensemble; = (-(w1 - w2 q(y)) / C) log p(y)."""
     target = torch.zeros_like(out_m).scatter_(1, labels.view(-1, 1), 1)
-    lsm = out_m.log_softmax(1)
-    return -w1 * (target * lsm).mean(-1) + w2 * (target * q_soft * lsm).mean(-1)
+    # two log_softmax nodes, as the code writes it: one shared node sums the two incoming gradients before
+    # its backward and rounds differently (1e-6 relative on the encoder)
+    return -w1 * (target * out_m.log_softmax(1)).mean(-1) + w2 * (target * q_soft * out_m.log_softmax(1)).mean(-1)
 
 
 @register_method
