@@ -34,8 +34,12 @@ SHAPES = {
 }
 FULL = {"audio": [1, 257, 188], "visual": [1, 3, 224, 224]}
 CLASSES = 6
-PARAMS: dict[str, dict[str, Any]] = {"mie": {"epoch_list": [1, 1]}}  # a two-epoch schedule to reach stage 2
-EPOCHS: dict[str, list[int]] = {"mie": [0, 1]}  # epochs to time: one per stage kind
+PARAMS: dict[str, dict[str, Any]] = {
+    "mie": {"epoch_list": [1, 1]},  # a two-epoch schedule to reach stage 2
+    "reconboost": {"epochs_per_stage": 1, "correct_epochs": 1},  # epoch 2: visual's phase 1 against audio; 3: rectification
+}
+EPOCHS: dict[str, list[int]] = {"mie": [0, 1], "reconboost": [2, 3]}  # epochs to time: one per stage kind
+FUSION: dict[str, str] = {"reconboost": "sum"}  # methods that serve only another fusion than concat
 
 
 @dataclass
@@ -50,7 +54,7 @@ class Case:
 def build(name: str, backbone: str, shapes: dict[str, list[int]], device: torch.device) -> Method:
     torch.manual_seed(0)
     cls = METHODS.get(name)
-    spec = ModelSpec(backbone, "concat", shapes, CLASSES)
+    spec = ModelSpec(backbone, FUSION.get(name, "concat"), shapes, CLASSES)
     hp = cls.HParams.model_validate(PARAMS.get(name, {}))
     train = TrainSpec(epochs=2, optimizer={"name": "sgd", "lr": 1e-3, "momentum": 0.9}, scheduler={"name": "none"})
     cls.check(spec, hp)
@@ -105,6 +109,8 @@ def run_backbone(backbone: str, shapes: dict[str, list[int]], args: argparse.Nam
                 console.print(f"[yellow]skip {name}[/yellow] on {backbone}: {e}")
                 break
             label = name if len(EPOCHS.get(name, [0])) == 1 else f"{name} s{epoch + 1} {method_stage(method, epoch)}"
+            if hasattr(method, "position"):
+                label = f"{name} {method_stage(method, epoch)}"
             method.on_epoch_start(epoch_ctx(epoch, raw, device))
             cases.append(Case(label, method, epoch, []))
     for c in cases:
@@ -123,6 +129,10 @@ def run_backbone(backbone: str, shapes: dict[str, list[int]], args: argparse.Nam
 
 
 def method_stage(method: Method, epoch: int) -> str:
+    position = getattr(method, "position", None)
+    if position is not None:  # ReconBoost: (stage, phase, modality)
+        stage, phase, m = position(epoch)
+        return f"{m} phase {phase}"
     active = getattr(method, "active", None)
     if active is None:
         return f"epoch {epoch}"
