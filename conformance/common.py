@@ -6,7 +6,8 @@
   stand-ins for imports the official repository lacks (each stand-in is listed in the report).
 - `project_method`: mmbench's method exactly as `Trainer.fit` builds it, from the method's own recipe.
 - `Diff` / `table`: max abs and rel differences per parameter group and step; rel = max |project -
-  official| / max |official| over the group (0 when both are 0), as in ../shared/conformance.
+  official| / max |official| per tensor, the worst tensor of the group (0 when both are 0), as in
+  ../shared/conformance.
 """
 from __future__ import annotations
 
@@ -142,15 +143,15 @@ class Diff:
     def add(self, step: str, quantity: str, group: str, proj: dict[str, torch.Tensor], off: dict[str, torch.Tensor]) -> None:
         if set(proj) != set(off):
             raise RuntimeError(f"{step} {quantity} {group}: tensors differ: {sorted(set(proj) ^ set(off))[:5]}")
-        ab, ref, same = 0.0, 0.0, True
-        for k, o in off.items():
+        ab, rel, same = 0.0, 0.0, True
+        for k, o in off.items():  # rel per tensor (max |p - o| / max |o|), then the worst tensor, as ../shared/conformance
             p = proj[k]
             d = (p.double() - o.double()).abs().max().item() if o.numel() else 0.0
+            ref = o.double().abs().max().item() if o.numel() else 0.0
             ab = max(ab, d)
-            ref = max(ref, o.double().abs().max().item() if o.numel() else 0.0)
+            rel = max(rel, d / ref if ref else (0.0 if d == 0 else float("inf")))
             same = same and torch.equal(p, o)
-        self.rows.append({"step": step, "quantity": quantity, "group": group, "abs": ab,
-                          "rel": ab / ref if ref else (0.0 if ab == 0 else float("inf")), "bitwise": same,
+        self.rows.append({"step": step, "quantity": quantity, "group": group, "abs": ab, "rel": rel, "bitwise": same,
                           "n": len(off)})
 
     def scalar(self, step: str, name: str, proj: float, off: float) -> None:
