@@ -36,10 +36,11 @@ FULL = {"audio": [1, 257, 188], "visual": [1, 3, 224, 224]}
 CLASSES = 6
 PARAMS: dict[str, dict[str, Any]] = {
     "mie": {"epoch_list": [1, 1]},  # a two-epoch schedule to reach stage 2
+    "opm": {"warmup_epochs": 0, "p_exe": 1.0},  # time the drop itself
     "reconboost": {"epochs_per_stage": 1, "correct_epochs": 1},  # epoch 2: visual's phase 1 against audio; 3: rectification
 }
 EPOCHS: dict[str, list[int]] = {"mie": [0, 1], "reconboost": [2, 3]}  # epochs to time: one per stage kind
-FUSION: dict[str, str] = {"reconboost": "sum"}  # methods that serve only another fusion than concat
+FUSION: dict[str, str] = {"mla": "shared", "reconboost": "sum"}  # methods defined on their own head; the rest use concat
 
 
 @dataclass

@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from mmbench.errors import UserError
+from mmbench.redact import plain
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Experiment runner for balanced multimodal learning.")
@@ -33,7 +34,7 @@ def prepare(
 ) -> None:
     """Raw dataset -> verified, preprocessed, fast-to-load store."""
     from mmbench.data.base import DATASETS, PrepareRequest
-    from mmbench.data.store import data_root
+    from mmbench.data.store import data_root, writable_data_dir
 
     builder = DATASETS.get(dataset)
     proto = protocol or builder.default_protocol
@@ -42,9 +43,10 @@ def prepare(
     if source is not None and not source.exists():
         raise UserError(f"--source {source}: no such file or folder")
     req = PrepareRequest(data_root(data_dir), proto, source, workers, force)
-    res = builder().prepare(req)
+    with writable_data_dir(req.data_dir):
+        res = builder().prepare(req)
     if res.skipped:
-        console.print(f"[green]{dataset}/{proto} is already prepared[/green] at {res.store} (nothing to do; --force redoes it)")
+        console.print(f"[green]{plain(dataset)}/{plain(proto)} is already prepared[/green] at {plain(res.store)} (nothing to do; --force redoes it)")
         return
     _print_prepare_report(dataset, proto, res.store, res.report)
 
@@ -52,7 +54,7 @@ def prepare(
 def _print_prepare_report(dataset: str, proto: str, store: Path, rep: dict) -> None:
     """The summary a user needs to trust a store: counts per split, why items are out, size, speed."""
     cols = ("expected", "found", "missing", "corrupt", "stored")
-    tab = Table(title=f"prepared {dataset}/{proto} -> {store}", title_justify="left")
+    tab = Table(title=plain(f"prepared {dataset}/{proto} -> {store}"), title_justify="left")
     tab.add_column("split")
     for c in cols:
         tab.add_column(c, justify="right")
@@ -60,7 +62,7 @@ def _print_prepare_report(dataset: str, proto: str, store: Path, rep: dict) -> N
     for split, c in rep.get("splits", {}).items():
         why = ", ".join(f"{n} {r}" for r, n in sorted(rep.get("reasons", {}).get(split, {}).items(), key=lambda x: -x[1]))
         stored = c.get("stored", c.get("found", 0) - c.get("corrupt", 0))
-        tab.add_row(split, *(str(c.get(k, "")) for k in cols[:-1]), str(stored), why)
+        tab.add_row(plain(split), *(str(c.get(k, "")) for k in cols[:-1]), str(stored), plain(why))
     console.print(tab)
     bad = len(rep.get("missing", [])) + len(rep.get("corrupt", []))
     if bad:
@@ -74,7 +76,7 @@ def _print_prepare_report(dataset: str, proto: str, store: Path, rep: dict) -> N
             desc.append(f"audio {a.get('features')} at {a.get('sample_rate')} Hz (resampler {a.get('resampler')}), {a.get('dtype')}")
         if v:
             desc.append(f"visual {v.get('frames', 1)} frame(s) {v.get('size')}x{v.get('size')} ({v.get('rule', v.get('features'))})")
-        console.print(f"[dim]{'; '.join(desc)}; split {prm.get('split')}[/dim]")
+        console.print(f"[dim]{plain('; '.join(desc))}; split {plain(prm.get('split'))}[/dim]")
     parts = []
     if rep.get("store_bytes") is not None:
         parts.append(f"store {rep['store_bytes'] / 1e9:.2f} GB")
@@ -83,7 +85,7 @@ def _print_prepare_report(dataset: str, proto: str, store: Path, rep: dict) -> N
     if rep.get("items_per_second"):
         parts.append(f"{rep['items_per_second']} clips/s with {rep.get('workers', 1)} workers")
     parts.append(f"report: {store / 'prepare_report.json'}")
-    console.print("[dim]" + "; ".join(parts) + "[/dim]")
+    console.print("[dim]" + plain("; ".join(parts)) + "[/dim]")
 
 
 def _sweep_opts(recipe: Path, sets: Optional[list[str]], db: Optional[str], runs_dir: Optional[Path],
@@ -105,7 +107,7 @@ def _print_plan(runs: list) -> None:
     for i, r in enumerate(runs, 1):
         c = r.cfg
         needs = ", ".join(r.deps.values()) + ("" if r.requested else " (dependency)")
-        tab.add_row(str(i), r.id, f"{c['dataset']['name']}/{c['dataset']['protocol']}", describe_run(c), needs.strip())
+        tab.add_row(str(i), r.id, plain(f"{c['dataset']['name']}/{c['dataset']['protocol']}"), plain(describe_run(c)), needs.strip())
     console.print(tab)
 
 
@@ -182,7 +184,7 @@ def sweep(
     out = run_sweep(opts, console, on_plan=_print_plan if dry_run else None)
     if dry_run:
         return
-    line = f"[bold]{out.sweep_name}[/bold]: {out.completed} trained, {out.skipped} already done, {len(out.failed)} failed"
+    line = f"[bold]{plain(out.sweep_name)}[/bold]: {out.completed} trained, {out.skipped} already done, {len(out.failed)} failed"
     if out.in_flight or out.waiting:
         line += f", {out.in_flight} queued or training, {out.waiting} waiting for dependencies"
     console.print(line)
@@ -194,10 +196,10 @@ def sweep(
 
         where = opts.runs_dir or default_runs_dir()
         err_console.print(f"[yellow]{len(out.db_errors)} finished run(s) are not in the database[/yellow] "
-                          f"({out.db_errors[0][1]}); their results are safe: `mmbench ingest {where}` writes them")
+                          f"({plain(out.db_errors[0][1])}); their results are safe: `mmbench ingest {plain(where)}` writes them")
     if out.failed:
         for label, err in out.failed:
-            err_console.print(f"[red]failed[/red] {label}: {err}", highlight=False)
+            err_console.print(f"[red]failed[/red] {plain(label)}: {plain(err)}", highlight=False)
     if out.failed or out.db_errors:
         raise typer.Exit(1)
 
@@ -226,7 +228,7 @@ def train(
     opts = _sweep_opts(recipe, sets, db, runs_dir, data_dir, device, workers, False, max_runs=1)
     out = run_sweep(opts, console)
     if out.failed:
-        err_console.print(f"[red]failed[/red] {out.failed[0][0]}: {out.failed[0][1]}")
+        err_console.print(f"[red]failed[/red] {plain(out.failed[0][0])}: {plain(out.failed[0][1])}", highlight=False)
         raise typer.Exit(1)
 
 
@@ -246,7 +248,7 @@ def ingest(
     try:
         rep = ingest_path(engine, path)
     except SQLAlchemyError as e:
-        err_console.print(f"[red]database write failed[/red]: {e.__class__.__name__}: {str(e).splitlines()[0]}; "
+        err_console.print(f"[red]database write failed[/red]: {e.__class__.__name__}: {plain(str(e).splitlines()[0])}; "
                           "nothing was half-written (one transaction per run); retry when the database is reachable")
         raise typer.Exit(1)
     c = rep.counts
@@ -254,7 +256,7 @@ def ingest(
             f"{c['unfinished']} unfinished")
     if rep.sweeps:
         line += f" (sweeps: {', '.join(sorted(set(rep.sweeps)))})"
-    console.print(line)
+    console.print(plain(line))
 
 
 @app.command("runs")
@@ -273,9 +275,9 @@ def runs_cmd(
     what = " ".join(x for x in (status or "", "runs", f"of sweep {sweep}" if sweep else "",
                                 f"on {dataset}" if dataset else "") if x)
     if not rows:
-        console.print(f"no {what}")
+        console.print(f"no {plain(what)}")
         return
-    console.print(runs_table(rows, f"{len(rows)} {what}"))
+    console.print(runs_table(rows, plain(f"{len(rows)} {what}")))
 
 
 @app.command()
@@ -312,13 +314,14 @@ def report(
             raise UserError(f"--plot {plot}: choose one of {', '.join(plots.PLOTS)}")
         if output is None:
             raise UserError(f"--plot {plot} writes an image: pass --output FILE.png")
+        plots.check_output(output)
         engine = get_engine(db, create=False)
         if plot == "curves":
             files = plots.curves(engine, output, sweep, dataset, metric, split)
         else:
             files = plots.bar(do_compare(engine, sweep, dataset, selection, metric, split, baseline), output)
         for f in files:
-            console.print(f"wrote {f}")
+            console.print(f"wrote {plain(f)}")
         return
     engine = get_engine(db, create=False)
     tables = do_compare(engine, sweep, dataset, selection, metric, split, baseline)
@@ -334,9 +337,13 @@ def report(
     else:
         text = render_text(tables, fmt, interval)
     if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(text)
-        console.print(f"wrote {output}")
+        try:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            output.write_text(text)
+        except OSError as e:
+            raise UserError(f"--output {output}: cannot write {e.filename or output} ({e.strerror or e}); "
+                            "pass --output a path in a folder you can write to") from None
+        console.print(f"wrote {plain(output)}")
     else:
         sys.stdout.write(text)
 
@@ -354,7 +361,7 @@ def methods() -> None:
     for name, cls in METHODS.items():
         params = ", ".join(f"{k}=" + ("(required)" if f.is_required() else repr(f.default))
                            for k, f in cls.HParams.model_fields.items())
-        tab.add_row(name, describe(cls), params)
+        tab.add_row(name, escape(describe(cls)), escape(params))
     console.print(tab)
 
 
@@ -371,8 +378,11 @@ def datasets(data_dir: Optional[Path] = typer.Option(None, "--data-dir")) -> Non
     for name, cls in DATASETS.items():
         for proto, desc in cls.protocols.items():
             ok = is_prepared(name, proto, dd)
-            counts = "/".join(str(v) for v in load_meta(name, proto, dd).splits.values()) if ok else ""
-            mark = "[green]yes[/green]" if ok else "no"
+            try:
+                counts = "/".join(str(v) for v in load_meta(name, proto, dd).splits.values()) if ok else ""
+                mark = "[green]yes[/green]" if ok else "no"
+            except UserError:  # an unreadable meta.json: say so here, `prepare` rebuilds it
+                counts, mark = "", "[red]damaged[/red] (prepare --force)"
             tab.add_row(name, proto + (" (default)" if proto == cls.default_protocol else ""), mark, counts, desc)
     console.print(tab)
 
@@ -420,7 +430,7 @@ def main() -> None:
         if isinstance(rc, int) and rc != 0:
             sys.exit(rc)
     except UserError as e:
-        err_console.print(f"[red]error:[/red] {e}", highlight=False, markup=True)
+        err_console.print(f"[red]error:[/red] {plain(e)}", highlight=False)
         sys.exit(2)
     except typer.Exit as e:
         sys.exit(e.exit_code)
@@ -434,7 +444,7 @@ def main() -> None:
             if hasattr(e, "show"):
                 e.show()
             else:
-                err_console.print(f"error: {e}")
+                err_console.print(f"error: {plain(e)}", highlight=False)
             sys.exit(2 if getattr(e, "exit_code", 1) == 2 else e.exit_code)
         if isinstance(e, Abort):  # Ctrl-C inside a command arrives as the parser's Abort
             err_console.print("interrupted; re-run the same command to resume")

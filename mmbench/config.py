@@ -181,10 +181,10 @@ def set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
     cur[parts[-1]] = value
 
 
-def _format_validation(err: ValidationError, where: str) -> str:
+def _format_validation(err: ValidationError, where: str, section: str = "") -> str:
     lines = [f"{where}: invalid recipe"]
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        loc = ".".join(str(p) for p in ([section] if section else []) + list(e["loc"])) or "(top level)"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
@@ -252,6 +252,16 @@ def resolve_method(entry: str | dict[str, Any], where: str) -> tuple[dict[str, A
     return {"name": name, **hp.model_dump(mode="json")}, train_over
 
 
+def split_model_override(entry: str | dict[str, Any], where: str) -> tuple[str | dict[str, Any], dict[str, Any]]:
+    """A method entry may carry its own `model:` (e.g. MLA's shared head) beside its own `train:`."""
+    if not isinstance(entry, dict) or "model" not in entry:
+        return entry, {}
+    over = entry.get("model") or {}
+    if not isinstance(over, dict):
+        raise UserError(f"{where}.model: expected a mapping such as {{fusion: shared}}")
+    return {k: v for k, v in entry.items() if k != "model"}, over
+
+
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for k, v in over.items():
@@ -282,17 +292,20 @@ def expand(recipe: Recipe, where: str | None = None) -> list[dict[str, Any]]:
         base["dataset"]["protocol"] = builder.default_protocol
     grid_keys = list(recipe.grid)
     combos = list(itertools.product(*(recipe.grid[k] for k in grid_keys))) or [()]
+    entries, model_overs = zip(*(split_model_override(e, f"{where}: methods[{mi}]") for mi, e in enumerate(recipe.methods)))
+    resolved = [resolve_method(entry, f"{where}: methods[{mi}]") for mi, entry in enumerate(entries)]
+    check_grid_keys(grid_keys, [m["name"] for m, _ in resolved], where)
     runs: list[dict[str, Any]] = []
     seen: set[str] = set()
-    for mi, entry in enumerate(recipe.methods):
-        method, train_over = resolve_method(entry, f"{where}: methods[{mi}]")
+    for (method, train_over), model_over in zip(resolved, model_overs):
         for combo in combos:
             cfg = copy.deepcopy(base)
             cfg["train"] = _deep_merge(cfg["train"], train_over)
+            cfg["model"] = _deep_merge(cfg["model"], model_over)
             cfg["method"] = dict(method)
             for k, v in zip(grid_keys, combo):
                 if k.startswith("method."):
-                    pname = k.split(".", 1)[1]
+                    pname = k.split(".")[1]
                     from mmbench.methods.base import METHODS
 
                     if pname not in METHODS.get(method["name"]).HParams.model_fields:
@@ -311,19 +324,36 @@ def expand(recipe: Recipe, where: str | None = None) -> list[dict[str, Any]]:
     return runs
 
 
+def check_grid_keys(keys: list[str], methods: list[str], where: str) -> None:
+    """A `method.X` grid key must be a parameter of at least one of the recipe's methods (it then
+    applies to the methods that declare it). Otherwise a typo (`method.alhpa`) would silently plan
+    fewer runs: the key would apply to no method at all."""
+    from mmbench.methods.base import METHODS
+
+    params = {m: list(METHODS.get(m).HParams.model_fields) for m in dict.fromkeys(methods)}
+    for k in keys:
+        if not k.startswith("method."):
+            continue
+        pname = k.split(".")[1]
+        if not any(pname in ps for ps in params.values()):
+            valid = sorted({f"method.{p}" for ps in params.values() for p in ps})
+            raise UserError(
+                f"{where}: grid key '{k}' is not a parameter of any method in this recipe "
+                f"({', '.join(params)}); valid method keys: {', '.join(valid) or '(none: these methods have no parameters)'}"
+            )
+
+
 def validate_run(cfg: dict[str, Any], where: str) -> dict[str, Any]:
     """Re-validate a run after grid/overrides so a bad grid value fails like a bad recipe key."""
     from mmbench.data.base import DATASETS
     from mmbench.models.encoders import BACKBONES
     from mmbench.models.fusion import FUSIONS
 
-    try:
-        cfg["dataset"] = DatasetCfg.model_validate(cfg["dataset"]).model_dump(mode="json")
-        cfg["model"] = ModelCfg.model_validate(cfg["model"]).model_dump(mode="json")
-        cfg["train"] = TrainCfg.model_validate(cfg["train"]).model_dump(mode="json")
-        cfg["metrics"] = MetricsCfg.model_validate(cfg["metrics"]).model_dump(mode="json")
-    except ValidationError as e:
-        raise UserError(_format_validation(e, where)) from None
+    for section, schema in (("dataset", DatasetCfg), ("model", ModelCfg), ("train", TrainCfg), ("metrics", MetricsCfg)):
+        try:
+            cfg[section] = schema.model_validate(cfg[section]).model_dump(mode="json")
+        except ValidationError as e:  # named in full: the key came from a grid or a method's train override
+            raise UserError(_format_validation(e, where, section)) from None
     method, _ = resolve_method(cfg["method"], where)
     cfg["method"] = method
     if method["name"] == "unimodal":

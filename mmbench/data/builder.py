@@ -21,7 +21,7 @@ from mmbench.data.base import DatasetBuilder, PrepareRequest, PrepareResult
 from mmbench.data.download import DownloadError, Job, download, download_many, sha256_file
 from mmbench.data.manifest import Manifest, Source, load_manifest
 from mmbench.data.pipeline import Plan, build_store, store_params
-from mmbench.data.store import is_prepared, load_meta, store_dir
+from mmbench.data.store import intact, is_prepared, load_meta, store_dir
 from mmbench.errors import UserError
 
 CONNECTIONS = 8  # parallel HTTP connections for datasets made of many small files
@@ -61,7 +61,7 @@ class ManifestBuilder(DatasetBuilder):
         man = load_manifest(self.name)
         params = man.protocol(req.protocol)
         target = store_dir(self.name, req.protocol, req.data_dir)
-        if not req.force and is_prepared(self.name, req.protocol, req.data_dir):
+        if not req.force and is_prepared(self.name, req.protocol, req.data_dir) and intact(target, console):
             meta = load_meta(self.name, req.protocol, req.data_dir)
             if meta.params == store_params(self.name, req.protocol, params, req.options or None):
                 return PrepareResult(target, True, {})

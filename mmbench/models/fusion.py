@@ -4,7 +4,8 @@ Every fusion also says how per-modality logits are estimated (DESIGN.md §4.3) a
 estimator, so a run records which definition of "audio accuracy" its numbers use:
 - concat: the fused head with every other modality held at its mean feature (`mean-feature`);
 - sum: each branch's own linear head (`branch-head`);
-- film / gated: the fused head with the other modality's feature at its mean (`mean-feature`).
+- film / gated: the fused head with the other modality's feature at its mean (`mean-feature`);
+- shared: the one head every modality shares, applied to that modality alone (`branch-head`).
 `split_logits` is OGM-GE's raw split (concat: W_m phi_m + b/M; sum: the branch head), which
 OGM-GE's coefficient uses and which is logged as `acc_split/<m>` for comparison with papers.
 """
@@ -89,6 +90,35 @@ class SumFusion(Fusion):
 
     def split_logits(self, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {m: self.heads[m](feats[m]) for m in self.modalities}
+
+
+@FUSIONS.register("shared")
+class SharedHeadFusion(Fusion):
+    """One linear head shared by every modality (MLA): logits_m = h(phi_m); fused = sum_m w_m logits_m.
+
+    Sharing the head is what lets MLA train modalities one at a time without each one forgetting
+    the others' decision boundaries; it needs equal feature widths. `weights` (default 1/M each) is
+    the late-fusion blend used at inference; a method may set it (MLA: 0.55/0.45)."""
+
+    estimator = "branch-head"
+
+    def __init__(self, dims: dict[str, int], num_classes: int) -> None:
+        super().__init__(dims, num_classes)
+        widths = set(dims.values())
+        if len(widths) != 1:
+            raise UserError(f"fusion 'shared' needs every modality's feature width to be equal, got {dims}; "
+                            "use a backbone that gives equal widths (e.g. resnet18 or tiny)")
+        self.head = nn.Linear(widths.pop(), num_classes)
+        self.weights: dict[str, float] = {m: 1.0 / len(dims) for m in dims}
+
+    def forward(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.stack([self.weights[m] * self.head(feats[m]) for m in self.modalities]).sum(0)
+
+    def modality_logits(self, feats: dict[str, torch.Tensor], means: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.split_logits(feats)
+
+    def split_logits(self, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {m: self.head(feats[m]) for m in self.modalities}
 
 
 def _two(dims: dict[str, int], name: str) -> tuple[str, str]:

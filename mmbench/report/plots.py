@@ -134,11 +134,33 @@ def bar(tables: list[ComparisonTable], output: Path) -> list[Path]:
     return _save(figs, output)
 
 
+def image_formats() -> list[str]:
+    from matplotlib.figure import Figure
+
+    return sorted(Figure().canvas.get_supported_filetypes())
+
+
+def check_output(output: Path) -> None:
+    """Before any query: the figure's file name says an image format matplotlib writes
+    (`--output table.txt` would otherwise end in matplotlib's ValueError traceback)."""
+    ext = output.suffix.lower().lstrip(".")
+    formats = image_formats()
+    if ext and ext not in formats:
+        raise UserError(f"--output {output}: a figure cannot be written as .{ext}; name it .png, .pdf or .svg "
+                        f"(matplotlib writes: {', '.join(formats)}), or drop --plot to write a table")
+
+
 def _save(figs: list[tuple[plt.Figure, str]], output: Path) -> list[Path]:
     keys = [tuple(k.split("|", 1)) for _, k in figs]
     paths = outputs_for(output, keys)  # type: ignore[arg-type]
-    output.parent.mkdir(parents=True, exist_ok=True)
-    for (fig, _), p in zip(figs, paths):
-        fig.savefig(p, dpi=120)
-        plt.close(fig)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        for (fig, _), p in zip(figs, paths):
+            fig.savefig(p, dpi=120)
+    except OSError as e:
+        raise UserError(f"cannot write the figure {e.filename or output}: {e.strerror or e}; "
+                        "pass --output a path in a folder you can write to") from None
+    finally:
+        for fig, _ in figs:
+            plt.close(fig)
     return paths

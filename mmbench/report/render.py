@@ -12,6 +12,7 @@ import html
 import io
 import math
 
+from rich.markup import escape
 from rich.table import Table
 
 from mmbench.report.aggregate import ComparisonTable, Row, decimals, is_percent, scale
@@ -90,12 +91,13 @@ def _label(row: Row) -> str:
 
 
 def to_rich(t: ComparisonTable, interval: str = "std") -> Table:
-    tab = Table(title=title(t), title_justify="left", caption=legend(t, interval), caption_justify="left")
+    # rich reads cell text as markup: labels and settings are user text (method parameters), escaped
+    tab = Table(title=escape(title(t)), title_justify="left", caption=escape(legend(t, interval)), caption_justify="left")
     tab.add_column("method", style="bold")
     tab.add_column("setting")
     tab.add_column("n", justify="right")
     for c in t.columns:
-        tab.add_column(header(c), justify="right")
+        tab.add_column(escape(header(c)), justify="right")
     if t.has_cost:
         tab.add_column("cost", justify="right")
     bests = {c: best_rows(t, c) for c in t.columns}
@@ -105,7 +107,7 @@ def to_rich(t: ComparisonTable, interval: str = "std") -> Table:
             main, diff = cell_parts(row, c, interval)
             text = f"[bold green]{main}[/bold green]" if i in bests[c] else main
             cells.append(text + (f" {diff}" if diff else ""))
-        tab.add_row(_label(row), row.setting, n_text(row), *cells, *([cost_text(row)] if t.has_cost else []))
+        tab.add_row(escape(_label(row)), escape(row.setting), n_text(row), *cells, *([cost_text(row)] if t.has_cost else []))
     return tab
 
 

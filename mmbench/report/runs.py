@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from rich.markup import escape
 from rich.table import Table
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
 from mmbench.errors import UserError
+from mmbench.redact import mask_credentials
 from mmbench.store import db
 from mmbench.store.tables import Run, Sweep
 
@@ -55,7 +57,8 @@ def runs_table(runs: list[Run], title: str, error_width: int = 60) -> Table:
         if len(err) > error_width:
             err = err[: error_width - 1] + "…"
         style = STYLE.get(r.status, "")
-        tab.add_row(r.id, f"{r.label or r.method} {r.backbone}/{r.fusion}", f"{r.dataset}/{r.protocol}", str(r.seed),
-                    f"[{style}]{r.status}[/{style}]" if style else r.status, progress(r),
-                    "" if r.wall_seconds is None else f"{r.wall_seconds:.0f}", err, short_path(r.run_dir))
+        tab.add_row(r.id, escape(f"{r.label or r.method} {r.backbone}/{r.fusion}"), escape(f"{r.dataset}/{r.protocol}"),
+                    str(r.seed), f"[{style}]{r.status}[/{style}]" if style else escape(r.status), progress(r),
+                    "" if r.wall_seconds is None else f"{r.wall_seconds:.0f}", escape(mask_credentials(err)),
+                    escape(short_path(r.run_dir)))
     return tab

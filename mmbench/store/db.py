@@ -26,6 +26,7 @@ from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlmodel import Session, SQLModel, create_engine, delete, select
 
 from mmbench.errors import UserError
+from mmbench.redact import mask_credentials
 from mmbench.store.tables import EpochMetric, FinalMetric, Run, Sweep, SweepRun
 
 _ENGINES: dict[str, Engine] = {}
@@ -90,13 +91,14 @@ def _check_sqlite_path(url: str, create: bool) -> None:
 
 
 def _server_engine(url: str) -> Engine:
+    shown = mask_credentials(url)  # messages quote the URL, never its password
     try:
         return create_engine(url, pool_pre_ping=True)
     except ModuleNotFoundError as e:
-        raise UserError(f"database URL '{url}' needs the Python driver '{e.name}', which is not installed; "
+        raise UserError(f"database URL '{shown}' needs the Python driver '{e.name}', which is not installed; "
                         f"pip install it, or use a SQLite URL (sqlite:///results.db)") from None
     except Exception as e:  # noqa: BLE001 - bad URL formats raise several types
-        raise UserError(f"database URL '{url}' is not usable: {e}") from None
+        raise UserError(mask_credentials(f"database URL '{shown}' is not usable: {e}")) from None
 
 
 def check_url(url: str | None = None) -> None:
@@ -113,8 +115,8 @@ def check_url(url: str | None = None) -> None:
         with engine.connect():
             pass
     except SQLAlchemyError as e:
-        raise UserError(f"cannot reach database {url}: {e.__class__.__name__}: {str(e).splitlines()[0]}; "
-                        "check the URL and that the server is up, or pass another --db") from None
+        raise UserError(mask_credentials(f"cannot reach database {url}: {e.__class__.__name__}: {str(e).splitlines()[0]}; "
+                                         "check the URL and that the server is up, or pass another --db")) from None
     finally:
         engine.dispose()
 
@@ -140,7 +142,7 @@ def get_engine(url: str | None = None, create: bool = True) -> Engine:
     try:
         retrying(SQLModel.metadata.create_all)(engine)
     except (OperationalError, SQLAlchemyError) as e:
-        raise UserError(f"cannot open database {url}: {e.__class__.__name__}: {str(e).splitlines()[0]}") from None
+        raise UserError(mask_credentials(f"cannot open database {url}: {e.__class__.__name__}: {str(e).splitlines()[0]}")) from None
     _ENGINES[url] = engine
     return engine
 
@@ -152,11 +154,17 @@ def _clean(v: float | None) -> float | None:
     return None if math.isnan(v) else v
 
 
+def _masked(fields: dict[str, Any]) -> dict[str, Any]:
+    """Row fields with credentials masked in every text value: a URL with a password that reached a
+    recipe, an override, an error or the environment is not kept in a shared results database."""
+    return {k: mask_credentials(v) if isinstance(v, str) else v for k, v in fields.items()}
+
+
 @retrying
 def upsert_sweep(engine: Engine, sweep: Sweep) -> None:
     with writing(engine) as s:
         if s.get(Sweep, sweep.id) is None:
-            s.add(Sweep.model_validate(sweep.model_dump()))
+            s.add(Sweep.model_validate(_masked(sweep.model_dump())))
 
 
 @retrying
@@ -166,7 +174,7 @@ def register_runs(engine: Engine, sweep_id: str | None, runs: Iterable[Run]) -> 
     with writing(engine) as s:
         for r in runs:
             if s.get(Run, r.id) is None:
-                s.add(Run.model_validate(r.model_dump()))  # a copy: a retried transaction re-adds it
+                s.add(Run.model_validate(_masked(r.model_dump())))  # a copy: a retried transaction re-adds it
             if sweep_id is not None and s.get(SweepRun, (sweep_id, r.id)) is None:
                 s.add(SweepRun(sweep_id=sweep_id, run_id=r.id))
 
@@ -183,7 +191,7 @@ def set_status(engine: Engine, rid: str, status: str, **fields: Any) -> None:
         if r is None:
             return
         r.status = status
-        for k, v in fields.items():
+        for k, v in _masked(fields).items():
             setattr(r, k, v)
         s.add(r)
 
@@ -213,7 +221,7 @@ def write_results(
         r = s.get(Run, rid)
         if r is not None:
             r.status = status
-            for k, v in run_fields.items():
+            for k, v in _masked(run_fields).items():
                 setattr(r, k, v)
             s.add(r)
 

@@ -25,6 +25,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from mmbench.config import describe_run
 from mmbench.data.store import atomic_write_json
 from mmbench.engine.run import ingest_run_dir, load_summary
+from mmbench.redact import plain
 from mmbench.store import db
 from mmbench.sweep import rundir
 from mmbench.sweep.launcher import Handle, Launcher, LockHandle
@@ -72,7 +73,7 @@ class Driver:
         return self.runs_dir / rid
 
     def label(self, rid: str) -> str:
-        return describe_run(self.runs[rid].cfg)
+        return plain(describe_run(self.runs[rid].cfg))  # printed as rich markup: user text escaped
 
     def print(self, msg: str) -> None:
         (self.prog.console if self.prog else self.console).print(msg, highlight=False)
@@ -88,8 +89,8 @@ class Driver:
         except SQLAlchemyError as e:
             msg = f"{e.__class__.__name__}: {str(e).splitlines()[0]}"
             if rid not in self.result.db_errors:
-                self.print(f"[yellow]database write failed[/yellow] for {rid} ({msg}); its results are safe in "
-                           f"{self.rdir(rid)} and `mmbench ingest {self.runs_dir}` writes them later")
+                self.print(f"[yellow]database write failed[/yellow] for {rid} ({plain(msg)}); its results are safe in "
+                           f"{plain(self.rdir(rid))} and `mmbench ingest {plain(self.runs_dir)}` writes them later")
             self.result.db_errors[rid] = msg
             return None
 
@@ -303,5 +304,5 @@ class Driver:
         self._drop_row(rid)
         if not recorded:
             self._db(rid, db.set_status, self.engine, rid, "failed", error=error, finished_at=db.now())
-        self.print(f"[red]failed[/red] {self.label(rid)} [dim]{rid}[/dim]: {error}")
+        self.print(f"[red]failed[/red] {self.label(rid)} [dim]{rid}[/dim]: {plain(error)}")
         self._advance()

@@ -19,12 +19,13 @@ from rich.console import Console
 
 from mmbench import __version__
 from mmbench.config import LauncherCfg, describe_run, load_recipe
-from mmbench.data.store import is_prepared, load_meta
+from mmbench.data.store import check_store, is_prepared, load_meta
 from mmbench.engine.device import pick_device
 from mmbench.engine.run import run_dir_for, run_row
 from mmbench.env import git_sha
 from mmbench.errors import UserError
 from mmbench.methods.base import METHODS, ModelSpec, TrainSpec
+from mmbench.redact import mask_credentials
 from mmbench.store import db
 from mmbench.store.tables import Sweep
 from mmbench.sweep import rundir
@@ -68,17 +69,26 @@ class SweepOutcome:
 def ensure_data(runs: list[PlannedRun], data_dir: str | None, console: Console | None) -> None:
     """Every (dataset, protocol) must be prepared; the embedded synthetic data is generated on the fly."""
     from mmbench.data.base import DATASETS, PrepareRequest
-    from mmbench.data.store import data_root
+    from mmbench.data.store import data_root, writable_data_dir
 
     for ds, proto in sorted({(r.cfg["dataset"]["name"], r.cfg["dataset"]["protocol"]) for r in runs}):
         if is_prepared(ds, proto, data_dir):
+            check_store(ds, proto, data_dir)  # a damaged store is named here, not met mid-training
             continue
         if ds == "synthetic":
             if console:
                 console.print(f"[dim]preparing synthetic/{proto} (embedded, deterministic)[/dim]")
-            DATASETS.get(ds)().prepare(PrepareRequest(data_root(data_dir), proto))
+            with writable_data_dir(data_root(data_dir)):
+                DATASETS.get(ds)().prepare(PrepareRequest(data_root(data_dir), proto))
             continue
         load_meta(ds, proto, data_dir)  # raises the UserError that says how to prepare
+
+
+def check_stores(runs: list[PlannedRun], data_dir: str | None) -> None:
+    """The dry run's share of `ensure_data`: every store already prepared is intact."""
+    for ds, proto in sorted({(r.cfg["dataset"]["name"], r.cfg["dataset"]["protocol"]) for r in runs}):
+        if is_prepared(ds, proto, data_dir):
+            check_store(ds, proto, data_dir)
 
 
 def check_methods(runs: list[PlannedRun], data_dir: str | None) -> None:
@@ -143,6 +153,7 @@ def run_sweep(opts: SweepOptions, console: Console | None = None,
     if on_plan:
         on_plan(runs)
     if opts.dry_run:
+        check_stores(runs, opts.data_dir)
         return outcome
     runs_dir = Path(opts.runs_dir or default_runs_dir()).resolve()
     launcher = build_launcher(lcfg, opts, runs_dir, recipe.name)
@@ -156,17 +167,18 @@ def run_sweep(opts: SweepOptions, console: Console | None = None,
         raise UserError(f"runs dir {runs_dir} cannot be created: {e}; pass --runs-dir") from None
 
     sid, sha = sweep_id(recipe.name, opts.recipe, opts.overrides)
-    sweep = Sweep(id=sid, name=recipe.name, recipe_path=str(opts.recipe), recipe_sha256=sha, created_at=db.now(),
-                  mmbench_version=__version__, git_sha=git_sha(), host=platform.node(),
-                  overrides_json=db.json_dumps(opts.overrides))
+    sweep = Sweep(id=sid, name=recipe.name, recipe_path=mask_credentials(str(opts.recipe)), recipe_sha256=sha,
+                  created_at=db.now(), mmbench_version=__version__, git_sha=git_sha(), host=platform.node(),
+                  overrides_json=mask_credentials(db.json_dumps(opts.overrides)))  # also in the runs dir manifest
     rundir.write_sweep_manifest(runs_dir, sweep.model_dump(mode="json"), [r.id for r in runs])
     try:
         db.upsert_sweep(engine, sweep)
         db.register_runs(engine, sid, [run_row(r.cfg, r.id, run_dir_for(runs_dir, r.id), list(r.deps.values()))
                                        for r in runs])
     except SQLAlchemyError as e:
-        raise UserError(f"cannot write to the database {opts.db_url or db.default_db_url()}: {e.__class__.__name__}: "
-                        f"{str(e).splitlines()[0]}; nothing was trained, re-run when it is writable") from None
+        raise UserError(mask_credentials(f"cannot write to the database {opts.db_url or db.default_db_url()}: "
+                                         f"{e.__class__.__name__}: {str(e).splitlines()[0]}; nothing was trained, "
+                                         "re-run when it is writable")) from None
 
     todo = runs
     if opts.max_runs is not None:

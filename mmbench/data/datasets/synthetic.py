@@ -15,10 +15,13 @@ import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from rich.console import Console
 
 from mmbench.data.base import DatasetBuilder, PrepareRequest, PrepareResult, register_dataset
-from mmbench.data.store import ModalitySpec, StoreMeta, StoreWriter, is_prepared, load_meta, store_dir
+from mmbench.data.store import ModalitySpec, StoreMeta, StoreWriter, intact, is_prepared, load_meta, store_dir
 from mmbench.errors import UserError
+
+console = Console(stderr=True)
 
 
 @dataclass(frozen=True)
@@ -102,7 +105,7 @@ class Synthetic(DatasetBuilder):
             p = SyntheticParams(**{**asdict(p), **overrides})
         target = store_dir(self.name, req.protocol, req.data_dir)
         params = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(p).items()}
-        if not req.force and is_prepared(self.name, req.protocol, req.data_dir):
+        if not req.force and is_prepared(self.name, req.protocol, req.data_dir) and intact(target, console):
             meta = load_meta(self.name, req.protocol, req.data_dir)
             if meta.params == params:
                 return PrepareResult(target, True, {})
