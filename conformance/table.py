@@ -7,7 +7,8 @@ Reads every `*.json` given (or found in a given folder, recursively): the per-me
 files (conformance/inforeg.py, reconboost.py, ...) and the shared harness's comparison files that
 conformance/six.sh writes (`a/cmp_*.json`, `b/*.json`). Prints `case | official commit | steps | max rel |
 bitwise?`, the measured columns; the deviations column of the doc is written by hand.
-Per-step verdict data only: the harness's teacher-forced mode ("reset" in set A, "forced" in set B).
+Per-step verdict data only: the harness's teacher-forced mode ("reset" in set A: grads, params, BN buffers;
+"forced" in set B); the per-method scripts: every row including diagnostics.
 """
 from __future__ import annotations
 
@@ -60,7 +61,9 @@ def row(path: Path) -> str | None:
         mode = doc.get("mode", "free")
         name = f"{name} ({mode}{', ' + doc['method_cfg'].get('backward', '') if doc.get('method_cfg') else ''})"
     leaves: list[tuple[float, bool]] = []
-    walk(part, leaves)
+    # set A: the harness's per-step verdict quantities (grads, params, buffers); its diagnostics table holds
+    # explained differences too (e.g. MMPareto's float32 official cosine), reported in the doc's deviations
+    walk(part["steps"] if isinstance(part, dict) and isinstance(part.get("steps"), list) else part, leaves)
     if not leaves:
         return None
     worst = max(r for r, _ in leaves)

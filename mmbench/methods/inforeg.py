@@ -14,7 +14,7 @@ plain joint training on the same loss.
 The loss is the code's: CE(fused) + sum_m CE(out_m), with out_m the fusion's split logits (concat:
 W_m phi_m + b/M, as the code's head split; sum: each branch head). The code backpropagates the three
 losses separately (v, a, fused) and, before that, three more times only to log gradient means; one
-backward of the summed loss gives the same gradients up to float32 summation order (<= 6e-6 relative
+backward of the summed loss gives the same gradients up to float32 summation order (<= 6.8e-6 relative
 per encoder in the conformance run), so one pass runs by default; `backward: per-loss` runs the code's
 three passes and is bitwise.
 
