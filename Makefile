@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 LOCK := requirements.lock
 UV_VERSION := 0.13.9
 
-.PHONY: demo test venv clean bench lock doctor
+.PHONY: demo test venv venv-cpu clean bench lock doctor
 
 venv: $(STAMP)
 
@@ -17,6 +17,22 @@ $(STAMP): pyproject.toml $(LOCK)
 	@rm -f $(STAMP)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --require-hashes --no-deps -r $(LOCK)
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/mmbench doctor
+	touch $(STAMP)
+
+# CPU-only install (no ~3-4 GB of CUDA libraries): torch / torchaudio / torchvision at the locked versions
+# from PyTorch's CPU index, everything else from the lock with its hashes, minus torch's CUDA packages.
+# Then `make demo` / `make test` use this .venv as is (the stamp is newer than the lock).
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
+GPU_ONLY := ^(torch|torchaudio|torchvision|triton|nvidia-[a-z0-9-]+|cuda-[a-z-]+)==
+venv-cpu:
+	@rm -f $(STAMP)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --no-deps --index-url $(TORCH_CPU_INDEX) \
+	    $$(grep -E '^(torch|torchaudio|torchvision)==' $(LOCK) | cut -d' ' -f1)
+	awk '/^[^ #]/ {skip = ($$0 ~ /$(GPU_ONLY)/)} !skip' $(LOCK) > $(VENV)/requirements-cpu.lock
+	$(BIN)/python -m pip install --quiet --require-hashes --no-deps -r $(VENV)/requirements-cpu.lock
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	$(BIN)/mmbench doctor
 	touch $(STAMP)

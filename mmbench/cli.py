@@ -23,16 +23,68 @@ console = Console()
 err_console = Console(stderr=True)
 
 
-@app.command()
+def _flags_without_type() -> None:
+    """An on/off flag takes no value, so its help shows no `<bool>` type (typer shows one for every option)."""
+    from typer import core
+
+    show = getattr(core.TyperOption, "display_type_rich", None)
+    if show is None or getattr(show, "_mmbench", False):
+        return
+
+    def display_type_rich(self, ctx):  # type: ignore[no-untyped-def]
+        return None if getattr(self, "is_flag", False) and self.metavar is None else show(self, ctx)
+
+    display_type_rich._mmbench = True  # type: ignore[attr-defined]
+    core.TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_flags_without_type()
+
+# the same help for the same option on every command
+DB_HELP = "results database, an SQLAlchemy URL (default $MMBENCH_DB or sqlite:///results.db); a missing folder is created"
+RUNS_HELP = "folder of the run directories (default $MMBENCH_RUNS or ./runs)"
+DATA_HELP = "folder of the prepared datasets (default $MMBENCH_DATA or ./data)"
+DEVICE_HELP = "auto (default: CUDA when present), cpu, cuda or cuda:N"
+THREADS_HELP = ("torch threads per run (recorded with the run; same run id). Default: the recipe's train.threads, "
+                "else cores / --jobs with --jobs, else torch's default")
+FORCE_HELP = "re-train the selected runs from scratch; their database rows are replaced when each ends"
+
+
+def _version(value: bool) -> None:
+    if value:
+        from mmbench import __version__
+
+        console.print(f"mmbench {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="print the version and exit")) -> None:
+    """Experiment runner for balanced multimodal learning."""
+
+
+def _prepare_help() -> str:
+    from mmbench.data.layouts import SOURCE_LAYOUTS, SPLIT_LISTS
+
+    lines = ["Raw dataset -> verified, preprocessed, fast-to-load store.", "",
+             "--source DIR uses raw files you already have instead of downloading; accepted layouts:", ""]
+    lines += [f"{name}: {text}" for name, text in SOURCE_LAYOUTS.items()]
+    return "\n\n".join(lines[:3]) + "\n\n" + "\n\n".join(lines[4:]) + f"\n\n({SPLIT_LISTS})"
+
+
+@app.command(help=_prepare_help())
 def prepare(
     dataset: str = typer.Argument(..., help="dataset name (see `mmbench datasets`)"),
-    source: Optional[Path] = typer.Option(None, "--source", help="use raw files you already have (the dataset's own layout)"),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="where prepared stores go (default $MMBENCH_DATA or ./data)"),
+    source: Optional[Path] = typer.Option(None, "--source", help="use raw files you already have (layouts: see above)"),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_HELP),
     protocol: Optional[str] = typer.Option(None, "--protocol", help="preprocessing protocol (default: the dataset's)"),
     workers: int = typer.Option(max(1, (os.cpu_count() or 2) // 2), "--workers", min=1, help="parallel decoding workers"),
     force: bool = typer.Option(False, "--force", help="redo even if an up-to-date store exists"),
+    no_verify: bool = typer.Option(False, "--no-verify", help="keep files whose checksum differs from the canonical "
+                                   "one (re-encoded or resampled copies): counted and recorded, the store and every "
+                                   "run on it marked unverified"),
 ) -> None:
-    """Raw dataset -> verified, preprocessed, fast-to-load store."""
     from mmbench.data.base import DATASETS, PrepareRequest
     from mmbench.data.store import data_root, writable_data_dir
 
@@ -42,7 +94,7 @@ def prepare(
         raise UserError(f"unknown protocol '{proto}' for dataset '{dataset}'; choose one of: {', '.join(builder.protocols)}")
     if source is not None and not source.exists():
         raise UserError(f"--source {source}: no such file or folder")
-    req = PrepareRequest(data_root(data_dir), proto, source, workers, force)
+    req = PrepareRequest(data_root(data_dir), proto, source, workers, force, {"verify": False} if no_verify else {})
     with writable_data_dir(req.data_dir):
         res = builder().prepare(req)
     if res.skipped:
@@ -64,10 +116,18 @@ def _print_prepare_report(dataset: str, proto: str, store: Path, rep: dict) -> N
         stored = c.get("stored", c.get("found", 0) - c.get("corrupt", 0))
         tab.add_row(plain(split), *(str(c.get(k, "")) for k in cols[:-1]), str(stored), plain(why))
     console.print(tab)
-    bad = len(rep.get("missing", [])) + len(rep.get("corrupt", []))
-    if bad:
-        console.print(f"[yellow]{bad} listed items are not in the store[/yellow] (ids and reasons: "
-                      f"\"missing\" and \"corrupt\" in the report); runs record the stored counts")
+    from mmbench.data.pipeline import reason_lines
+
+    out = rep.get("missing", []) + rep.get("corrupt", [])
+    if out:
+        console.print(f"[yellow]{len(out)} listed items are not in the store[/yellow] (all of them: \"missing\" and "
+                      f"\"corrupt\" in the report); runs record the stored counts", highlight=False)
+        console.print(escape("\n".join(reason_lines(out))), highlight=False)
+    if rep.get("verified") is False:
+        console.print(f"[yellow]unverified:[/yellow] {rep.get('checksum_mismatches')} stored items differ from the "
+                      "canonical files (--no-verify); the store and every run trained on it are marked unverified",
+                      highlight=False)
+        console.print(escape("\n".join(reason_lines(rep.get("unverified", [])))), highlight=False)
     prm = rep.get("params", {})
     a, v = prm.get("audio", {}), prm.get("visual", {})
     if a or v:
@@ -90,12 +150,13 @@ def _print_prepare_report(dataset: str, proto: str, store: Path, rep: dict) -> N
 
 def _sweep_opts(recipe: Path, sets: Optional[list[str]], db: Optional[str], runs_dir: Optional[Path],
                 data_dir: Optional[Path], device: Optional[str], workers: Optional[int], dry_run: bool, max_runs: Optional[int] = None,
-                launcher: Optional[dict] = None, wait: bool = True):
+                launcher: Optional[dict] = None, wait: bool = True, force: bool = False, threads: Optional[int] = None):
     from mmbench.sweep.launch import SweepOptions
 
-    return SweepOptions(recipe=recipe, overrides=list(sets or []), db_url=db, runs_dir=runs_dir,
+    overrides = list(sets or []) + ([f"train.threads={threads}"] if threads is not None else [])
+    return SweepOptions(recipe=recipe, overrides=overrides, db_url=db, runs_dir=runs_dir,
                         data_dir=str(data_dir) if data_dir else None, device=device, workers=workers,
-                        dry_run=dry_run, max_runs=max_runs, launcher=launcher or {}, wait=wait)
+                        dry_run=dry_run, max_runs=max_runs, launcher=launcher or {}, wait=wait, force=force)
 
 
 def _print_plan(runs: list) -> None:
@@ -156,10 +217,10 @@ def sweep(
     recipe: Path = typer.Argument(..., help="YAML recipe"),
     sets: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
     dry_run: bool = typer.Option(False, "--dry-run", help="list the runs and exit"),
-    db: Optional[str] = typer.Option(None, "--db", help="SQLAlchemy URL (default $MMBENCH_DB or sqlite:///results.db)"),
-    runs_dir: Optional[Path] = typer.Option(None, "--runs-dir", help="run directories (default $MMBENCH_RUNS or ./runs)"),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="prepared stores (default $MMBENCH_DATA or ./data)"),
-    device: Optional[str] = typer.Option(None, "--device", help="auto (default), cpu, cuda, cuda:N"),
+    db: Optional[str] = typer.Option(None, "--db", help=DB_HELP),
+    runs_dir: Optional[Path] = typer.Option(None, "--runs-dir", help=RUNS_HELP),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_HELP),
+    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
     workers: Optional[int] = typer.Option(None, "--workers", min=0,
                                           help="data-loader worker processes per run (default: 4 on a GPU, 0 on a CPU)"),
     launcher: Optional[str] = typer.Option(None, "--launcher", help="local (default) | slurm | local-submitit"),
@@ -174,17 +235,23 @@ def sweep(
     array_parallelism: Optional[int] = typer.Option(None, "--array-parallelism", help="slurm: array tasks running at once"),
     sbatch: Optional[list[str]] = typer.Option(None, "--sbatch", help="slurm: extra sbatch option KEY=VALUE (repeatable)"),
     no_wait: bool = typer.Option(False, "--no-wait", help="submit and return; re-run the same command to collect and resume"),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
 ) -> None:
     """Train every (method x setting x seed) run of a recipe; re-run to resume."""
     from mmbench.sweep.launch import run_sweep
 
     lopts = _launcher_opts(launcher, jobs, gpus, jobs_per_gpu, partition, time, gpus_per_job, cpus_per_job, mem_gb,
                            array_parallelism, sbatch)
-    opts = _sweep_opts(recipe, sets, db, runs_dir, data_dir, device, workers, dry_run, launcher=lopts, wait=not no_wait)
+    opts = _sweep_opts(recipe, sets, db, runs_dir, data_dir, device, workers, dry_run, launcher=lopts, wait=not no_wait,
+                       force=force, threads=threads)
     out = run_sweep(opts, console, on_plan=_print_plan if dry_run else None)
     if dry_run:
         return
-    line = f"[bold]{plain(out.sweep_name)}[/bold]: {out.completed} trained, {out.skipped} already done, {len(out.failed)} failed"
+    line = f"[bold]{plain(out.sweep_name)}[/bold]: {out.completed} trained"
+    if out.by_other:
+        line += f", {out.by_other} trained meanwhile by another process (e.g. the same sweep started twice)"
+    line += f", {out.skipped} already done, {len(out.failed)} failed"
     if out.in_flight or out.waiting:
         line += f", {out.in_flight} queued or training, {out.waiting} waiting for dependencies"
     console.print(line)
@@ -208,11 +275,13 @@ def sweep(
 def train(
     recipe: Path = typer.Argument(..., help="YAML recipe that expands to exactly one run"),
     sets: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
-    db: Optional[str] = typer.Option(None, "--db"),
-    runs_dir: Optional[Path] = typer.Option(None, "--runs-dir"),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
-    device: Optional[str] = typer.Option(None, "--device"),
+    db: Optional[str] = typer.Option(None, "--db", help=DB_HELP),
+    runs_dir: Optional[Path] = typer.Option(None, "--runs-dir", help=RUNS_HELP),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_HELP),
+    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
     workers: Optional[int] = typer.Option(None, "--workers", min=0, help="data-loader workers (default: 4 on a GPU, 0 on a CPU)"),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
 ) -> None:
     """Train exactly one run (errors if the recipe expands to more)."""
     from mmbench.config import load_recipe
@@ -225,7 +294,8 @@ def train(
     if len(requested) != 1:
         raise UserError(f"{recipe}: expands to {len(requested)} runs; `mmbench train` runs exactly one. "
                         "Narrow it with --set (e.g. --set methods=[joint] --set seeds=[0]) or use `mmbench sweep`.")
-    opts = _sweep_opts(recipe, sets, db, runs_dir, data_dir, device, workers, False, max_runs=1)
+    opts = _sweep_opts(recipe, sets, db, runs_dir, data_dir, device, workers, False, max_runs=1, force=force,
+                       threads=threads)
     out = run_sweep(opts, console)
     if out.failed:
         err_console.print(f"[red]failed[/red] {plain(out.failed[0][0])}: {plain(out.failed[0][1])}", highlight=False)
@@ -235,7 +305,7 @@ def train(
 @app.command()
 def ingest(
     path: Path = typer.Argument(..., help="a runs dir (e.g. ./runs) or one run's directory"),
-    db: Optional[str] = typer.Option(None, "--db", help="SQLAlchemy URL (default $MMBENCH_DB or sqlite:///results.db)"),
+    db: Optional[str] = typer.Option(None, "--db", help=DB_HELP),
 ) -> None:
     """Fill the database from run directories; idempotent, so safe to repeat (recovers lost writes)."""
     from sqlalchemy.exc import SQLAlchemyError
@@ -264,7 +334,7 @@ def runs_cmd(
     sweep: Optional[str] = typer.Option(None, "--sweep", help="only runs of this sweep (by name)"),
     status: Optional[str] = typer.Option(None, "--status", help="pending | running | completed | failed"),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="only this dataset"),
-    db: Optional[str] = typer.Option(None, "--db"),
+    db: Optional[str] = typer.Option(None, "--db", help=DB_HELP),
 ) -> None:
     """List runs with status, progress (epochs done/total), error and run directory."""
     from mmbench.report.runs import list_runs, runs_table
@@ -277,7 +347,7 @@ def runs_cmd(
     if not rows:
         console.print(f"no {plain(what)}")
         return
-    console.print(runs_table(rows, plain(f"{len(rows)} {what}")))
+    console.print(runs_table(rows, plain(f"{len(rows)} {what}"), width=console.width))
 
 
 @app.command()
@@ -289,11 +359,12 @@ def report(
     metric: Optional[list[str]] = typer.Option(None, "--metric", help="column(s) to show, repeatable; wildcards: 'acc/*'"),
     selection: str = typer.Option("best-val", "--selection", help="best-val | last | oracle-test"),
     split: str = typer.Option("test", "--split", help="test | val"),
-    ci: bool = typer.Option(False, "--ci", help="show 95 %% confidence intervals instead of standard deviations"),
+    ci: bool = typer.Option(False, "--ci", help="show 95 % confidence intervals instead of standard deviations"),
     fmt: str = typer.Option("table", "--format", help="table | markdown | csv | latex | html"),
     plot: Optional[str] = typer.Option(None, "--plot", help="curves | bar: write a figure to --output"),
     output: Optional[Path] = typer.Option(None, "--output", help="write to this file instead of the terminal"),
-    db: Optional[str] = typer.Option(None, "--db"),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="YAML of published numbers: adds a gap table per dataset"),
+    db: Optional[str] = typer.Option(None, "--db", help=DB_HELP),
 ) -> None:
     """Comparison tables and figures from the results database (works while a sweep still runs)."""
     from mmbench.report.aggregate import compare as do_compare
@@ -307,6 +378,13 @@ def report(
     if split not in ("test", "val"):
         raise UserError(f"--split {split}: choose test or val")
     interval = "ci" if ci else "std"
+    ref = None
+    if reference is not None:
+        from mmbench.report import reference as refmod
+
+        if plot is not None or fmt not in refmod.REFERENCE_FORMATS:
+            raise UserError(f"--reference adds a table: use it with --format {', '.join(refmod.REFERENCE_FORMATS)}, without --plot")
+        ref = refmod.load_reference(reference)
     if plot is not None:
         from mmbench.report import plots
 
@@ -325,17 +403,24 @@ def report(
         return
     engine = get_engine(db, create=False)
     tables = do_compare(engine, sweep, dataset, selection, metric, split, baseline)
+    gaps = refmod.gap_tables(tables, ref) if ref is not None else []
     if fmt == "table" and output is None:
         for t in tables:
-            console.print(to_rich(t, interval))
+            console.print(to_rich(t, interval, width=console.width, droppable=not metric))
+        for g in gaps:
+            console.print(refmod.to_rich(g))
         return
     if fmt == "table":
         text_console = Console(record=True, width=200, file=open(os.devnull, "w"))
         for t in tables:
             text_console.print(to_rich(t, interval))
+        for g in gaps:
+            text_console.print(refmod.to_rich(g))
         text = text_console.export_text()
     else:
         text = render_text(tables, fmt, interval)
+        if gaps:
+            text += "\n" + (refmod.to_csv(gaps) if fmt == "csv" else "\n".join(refmod.to_markdown(g) for g in gaps))
     if output is not None:
         try:
             output.parent.mkdir(parents=True, exist_ok=True)
@@ -359,32 +444,49 @@ def methods() -> None:
     tab.add_column("description")
     tab.add_column("parameters (default)")
     for name, cls in METHODS.items():
-        params = ", ".join(f"{k}=" + ("(required)" if f.is_required() else repr(f.default))
+        params = ", ".join(f"{k}=" + ("required" if f.is_required() else repr(f.get_default(call_default_factory=True)))
                            for k, f in cls.HParams.model_fields.items())
         tab.add_row(name, escape(describe(cls)), escape(params))
     console.print(tab)
 
 
 @app.command()
-def datasets(data_dir: Optional[Path] = typer.Option(None, "--data-dir")) -> None:
+def datasets(data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_HELP)) -> None:
     """List datasets and protocols, with what is prepared here."""
     from mmbench.data.base import DATASETS
     from mmbench.data.store import is_prepared, load_meta
 
     dd = str(data_dir) if data_dir else None
-    tab = Table(title="datasets", title_justify="left")
-    for c in ("name", "protocol", "prepared", "train/val/test", "description"):
-        tab.add_column(c)
+    narrow = console.width < 120
+    tab = Table(title="datasets", title_justify="left",
+                caption="*: default protocol; unverified: prepared with --no-verify from files that differ from the "
+                        "canonical ones" if narrow else None, caption_justify="left")
+    cols = ("dataset/protocol", "prepared", "description") if narrow else \
+        ("name", "protocol", "prepared", "train/val/test", "description")
+    for c in cols:
+        tab.add_column(c, overflow="fold", **({"no_wrap": True} if c == "dataset/protocol" else {}))
     for name, cls in DATASETS.items():
         for proto, desc in cls.protocols.items():
             ok = is_prepared(name, proto, dd)
             try:
                 counts = "/".join(str(v) for v in load_meta(name, proto, dd).splits.values()) if ok else ""
-                mark = "[green]yes[/green]" if ok else "no"
+                mark = ("[green]yes[/green]" + (" [yellow]unverified[/yellow]" if _unverified_store(name, proto, dd) else "")
+                        if ok else "no")
             except UserError:  # an unreadable meta.json: say so here, `prepare` rebuilds it
                 counts, mark = "", "[red]damaged[/red] (prepare --force)"
-            tab.add_row(name, proto + (" (default)" if proto == cls.default_protocol else ""), mark, counts, desc)
+            default = proto == cls.default_protocol
+            if narrow:
+                tab.add_row(f"{name}/{proto}" + ("*" if default else ""), mark + (f"\n{counts}" if counts else ""),
+                            escape(desc))
+            else:
+                tab.add_row(name, proto + (" (default)" if default else ""), mark, counts, escape(desc))
     console.print(tab)
+
+
+def _unverified_store(dataset: str, protocol: str, data_dir: Optional[str]) -> bool:
+    from mmbench.engine.run import data_verification
+
+    return data_verification(dataset, protocol, data_dir).get("verified") is False
 
 
 @app.command()

@@ -65,6 +65,9 @@ class TrainCfg(Strict):
     selection_metric: Literal["acc", "macro_f1"] = "acc"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     eval_train: bool = True  # evaluate the train split each epoch (per-modality train trajectories)
+    # torch intra-op threads of the run (recorded; not part of the run id: it changes speed, not the
+    # experiment). None: the launcher's share (cores / --jobs), or torch's default for one run at a time
+    threads: int | None = Field(None, ge=1)
 
 
 class MetricsCfg(Strict):
@@ -221,8 +224,15 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
 
 
+ID_EXCLUDED = (("train", "threads"),)  # settings recorded with a run that do not make it another run
+
+
 def run_id(config: dict[str, Any]) -> str:
-    return hashlib.sha256(canonical_json(config).encode()).hexdigest()[:12]
+    keyed = copy.deepcopy(config)
+    for section, key in ID_EXCLUDED:
+        if isinstance(keyed.get(section), dict):
+            keyed[section].pop(key, None)
+    return hashlib.sha256(canonical_json(keyed).encode()).hexdigest()[:12]
 
 
 def resolve_method(entry: str | dict[str, Any], where: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -355,7 +365,7 @@ def validate_run(cfg: dict[str, Any], where: str) -> dict[str, Any]:
         except ValidationError as e:  # named in full: the key came from a grid or a method's train override
             raise UserError(_format_validation(e, where, section)) from None
     method, _ = resolve_method(cfg["method"], where)
-    cfg["method"] = method
+    cfg["method"] = resolve_for_training(method, cfg["train"], where)
     if method["name"] == "unimodal":
         # a unimodal run has no fusion and no competition: canonical values, so the same
         # reference run is shared across fusions and with the dependencies of competition
@@ -372,6 +382,43 @@ def validate_run(cfg: dict[str, Any], where: str) -> dict[str, Any]:
     if cfg["model"]["fusion"] not in FUSIONS:
         raise UserError(f"{where}: model.fusion: unknown fusion '{cfg['model']['fusion']}'; choose one of: {', '.join(FUSIONS.names())}")
     return cfg
+
+
+def resolve_for_training(method: dict[str, Any], train: dict[str, Any], where: str) -> dict[str, Any]:
+    """A method's parameters against the run's training settings: relative forms (MIE's scaled stage
+    schedule) become absolute, then every check a trainer makes before training runs here, so
+    `--dry-run` fails exactly where a real run would."""
+    from mmbench.methods.base import METHODS, TrainSpec
+
+    cls = METHODS.get(method["name"])
+    spec = TrainSpec(train["epochs"], train["optimizer"], train["scheduler"], train["precision"])
+    hp = cls.HParams.model_validate({k: v for k, v in method.items() if k != "name"})
+    try:
+        hp = cls.resolve(hp, spec)
+        cls.check_train(spec, hp)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+    return {"name": method["name"], **hp.model_dump(mode="json")}
+
+
+def short_label(cfg: dict[str, Any]) -> str:
+    """A label that fits a terminal line: the method with only the parameters that differ from its
+    defaults, and the seed (progress bars and `done` lines; the full label is in describe_run)."""
+    from mmbench.methods.base import METHODS
+
+    m = cfg["method"]
+    try:
+        fields = METHODS.get(m["name"]).HParams.model_fields
+    except Exception:  # noqa: BLE001 - an unknown method (an old database) keeps its full label
+        fields = {}
+    parts = []
+    for k, v in m.items():
+        f = fields.get(k)
+        if k == "name" or (k != "modality" and f is not None and not f.is_required()
+                           and f.get_default(call_default_factory=True) == v):  # which modality is never implied
+            continue
+        parts.append(f"{k}={json.dumps(v, separators=(',', ':')) if isinstance(v, (list, dict)) else v}")
+    return m["name"] + (f"({','.join(parts)})" if parts else "") + f" s{cfg['seed']}"
 
 
 def describe_run(cfg: dict[str, Any]) -> str:

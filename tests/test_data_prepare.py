@@ -197,11 +197,11 @@ def test_interrupted_prepare_resumes_and_keeps_the_old_store(env, monkeypatch):
     real = pipeline.featurize
     calls = {"n": 0}
 
-    def dying(item, params):  # noqa: ANN001
+    def dying(item, params, *rest):  # noqa: ANN001
         calls["n"] += 1
         if calls["n"] == 6:
             raise KeyboardInterrupt
-        return real(item, params)
+        return real(item, params, *rest)
 
     monkeypatch.setattr(pipeline, "featurize", dying)
     code, out = cli(*args)

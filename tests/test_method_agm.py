@@ -1,4 +1,4 @@
-"""AGM (METHODS.md §1): Shapley responses, forward count and modes, coefficients, gradient
+"""AGM (docs/methods/agm.md): Shapley responses, forward count and modes, coefficients, gradient
 scaling, conditional clip, window, resumable running means."""
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 
 from mmbench.errors import UserError
-from mmbench.methods.agm import agm_coefficients, clamped_scores, conditional_clip, head_weights
+from mmbench.methods.agm import (
+    agm_coefficients, clamped_scores, clip_order, conditional_clip, head_weights, modulated_logits,
+)
 from mmbench.methods.base import METHODS, ModelSpec, StepContext, TrainSpec
 
 SHAPES = {"audio": [1, 8, 8], "visual": [2, 3, 8, 8]}
@@ -179,6 +181,53 @@ def test_parameter_gradients_are_scaled_response_gradients():
         torch.testing.assert_close(p.grad, want, rtol=1e-4, atol=1e-6, msg=name)
         differs |= not torch.allclose(want, da + dv, rtol=1e-3, atol=1e-5)
     assert differs  # the scaling really changed the gradient
+
+
+def old_detach_form(responses: list[torch.Tensor], scales: list[float]) -> torch.Tensor:
+    """The construction agm.py used before: same value in exact arithmetic, drifts in float32."""
+    return sum(s * r for s, r in zip(scales, responses)) + sum((1.0 - s) * r for s, r in zip(scales, responses)).detach()
+
+
+def response_grad_errors(build, k: float, seed: int = 0) -> tuple[float, float, bool]:
+    """(max relative error of the gradients reaching m_a, m_v against a float64 reference of the
+    official construction: CE on exactly m_a + m_v, gradient to m_i scaled by s_i; whether the
+    forward value is bit-equal to m_a + m_v). Scales (k, 1/k): one modality boosted, one slowed."""
+    g = torch.Generator().manual_seed(seed)
+    m_a, m_v = 3 * torch.randn(32, 6, generator=g), 3 * torch.randn(32, 6, generator=g)
+    y = torch.randint(0, 6, (32,), generator=g)
+    scales = [k, 1.0 / k]
+    a, v = m_a.clone().requires_grad_(), m_v.clone().requires_grad_()
+    z = build([a, v], scales)
+    F.cross_entropy(z, y).backward()
+    a64, v64 = m_a.double(), m_v.double()
+    d = (torch.softmax(a64 + v64, 1) - F.one_hot(y, 6).double()) / len(y)
+    errs = [float((got.double() - s * d).abs().max() / (s * d).abs().max()) for got, s in ((a.grad, scales[0]), (v.grad, scales[1]))]
+    return errs[0], errs[1], torch.equal(z.detach(), m_a + m_v)
+
+
+@pytest.mark.parametrize("k", [1.0, 1e3, 1e5, math.exp(15.0)])
+def test_loss_is_exact_at_every_coefficient(k: float) -> None:
+    """Issue 9 §4: the cross-entropy sees exactly sum_i m_i, and the response gradients are the
+    float64 reference's to float32 round-off, however large the coefficient."""
+    err_a, err_v, exact = response_grad_errors(modulated_logits, k)
+    assert exact
+    assert err_a < 1e-6 and err_v < 1e-6, (err_a, err_v)
+
+
+def test_clip_sums_norms_in_the_official_parameter_order():
+    """The official model registers its fusion head before the encoders; the global norm's sum
+    follows that order, so the clip is bitwise the official one (1 ulp apart otherwise)."""
+    m = make()
+    order = clip_order(m.model)
+    fusion = list(m.model.fusion.parameters())
+    assert order[: len(fusion)] == fusion
+    assert len(order) == len(list(m.model.parameters())) and {id(p) for p in order} == {id(p) for p in m.model.parameters()}
+
+
+def test_the_old_detach_form_fails_the_precision_test_at_large_k() -> None:
+    """The check above can fail: the former construction is off by far more at k = e^15."""
+    err_a, err_v, exact = response_grad_errors(old_detach_form, math.exp(15.0))
+    assert not exact and max(err_a, err_v) > 1e-3
 
 
 @pytest.mark.parametrize("epoch,modulated", [(0, False), (1, False), (2, True), (3, True), (4, False)])

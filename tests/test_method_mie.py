@@ -1,4 +1,4 @@
-"""MIE (METHODS.md §4, IGM code): flat projection, covariance pass, which gradients it touches,
+"""MIE (docs/methods/mie.md, IGM code): flat projection, covariance pass, which gradients it touches,
 one step against an independent reference, SAM variants, stages with restarts and per-stage
 schedules, averaged-softmax prediction, bad input, one run end to end."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""MMPareto (METHODS.md §2): conflict test and MGDA weights, per-tensor magnitude rule, heads'
+"""MMPareto (docs/methods/mmpareto.md): conflict test and MGDA weights, per-tensor magnitude rule, heads'
 plain sum, three backward passes, rejected inputs, and one run end to end."""
 from __future__ import annotations
 

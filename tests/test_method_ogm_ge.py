@@ -1,4 +1,4 @@
-"""OGM / OGM-GE (METHODS.md §5): coefficient, which gradients change, noise scale, window."""
+"""OGM / OGM-GE (docs/methods/ogm_ge.md): coefficient, which gradients change, noise scale, window."""
 from __future__ import annotations
 
 import copy
@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from mmbench.errors import UserError
 from mmbench.methods.base import METHODS, ModelSpec, StepContext, TrainSpec
-from mmbench.methods.ogm_ge import ogm_coefficients
+from mmbench.methods.ogm_ge import modality_scores, ogm_coefficients, ogm_coefficients_multi
 
 SHAPES = {"audio": [1, 8, 8], "visual": [2, 3, 8, 8]}
 
@@ -224,11 +224,72 @@ def test_bad_hparams_rejected():
         hp(film_gated_estimator="mean")
 
 
-def test_needs_exactly_two_modalities():
+# ---- three modalities (BalanceBenchmark's rule: ratio to the weakest) -------------------------
+SHAPES3 = {"audio": [1, 8, 8], "visual": [2, 3, 8, 8], "text": [5, 6]}
+
+
+def make3(**hp: object):
+    torch.manual_seed(0)
     cls = METHODS.get("ogm_ge")
-    spec = ModelSpec(backbone="tiny", fusion="concat", input_shapes={"audio": [1, 8, 8], "visual": [2, 3, 8, 8], "depth": [1, 8, 8]}, num_classes=4)
-    with pytest.raises(UserError, match="needs 2 modalities"):
-        cls.check(spec, cls.HParams())
+    spec = ModelSpec(backbone="tiny", fusion="concat", input_shapes=dict(SHAPES3), num_classes=4)
+    m = cls(spec, cls.HParams(**hp), TrainSpec(epochs=2, optimizer={"name": "sgd", "lr": 0.01, "momentum": 0.9},
+                                               scheduler={"name": "none"}))
+    m.setup(torch.device("cpu"))
+    m.train()
+    return m
+
+
+def test_three_modality_coefficients_slow_every_modality_above_the_weakest():
+    k, rho = ogm_coefficients_multi({"audio": 30.0, "visual": 10.0, "text": 15.0}, 0.8)
+    assert float(rho["audio"]) == pytest.approx(30 / (10 + 1e-5))
+    assert float(k["audio"]) == pytest.approx(1 - math.tanh(0.8 * 30 / (10 + 1e-5)))
+    assert float(k["text"]) == pytest.approx(1 - math.tanh(0.8 * 15 / (10 + 1e-5)))
+    assert float(k["visual"]) == 1.0  # the weakest is never slowed
+    k2, _ = ogm_coefficients_multi({"audio": 12.0, "visual": 12.0, "text": 12.0}, 0.8)
+    assert all(float(v) == 1.0 for v in k2.values())  # all tied: nobody is ahead
+
+
+def test_ratio_to_the_weakest_is_the_official_rule_for_two_modalities():
+    for sa, sv in ((30.0, 20.0), (10.0, 20.0)):
+        k_a, k_v, _ = ogm_coefficients(sa, sv, 0.8)
+        k, _ = ogm_coefficients_multi({"audio": sa, "visual": sv}, 0.8)
+        assert float(k["audio"]) == pytest.approx(float(k_a), rel=1e-5)
+        assert float(k["visual"]) == pytest.approx(float(k_v), rel=1e-5)
+
+
+def test_balancebench_score_counts_only_correct_items_through_cos_softmax():
+    lg = torch.tensor([[2.0, 0.0, -1.0], [0.0, 3.0, 0.0], [1.0, 0.5, 0.0]])
+    y = torch.tensor([0, 0, 0])  # items 0 and 2 correct, item 1 wrong
+    want = sum(float(torch.softmax(torch.cos(lg[i]), 0)[0]) for i in (0, 2))
+    got = modality_scores({"a": lg}, y, "balancebench")["a"]
+    assert float(got) == pytest.approx(want)
+    assert float(modality_scores({"a": lg}, y, "probability")["a"]) == pytest.approx(float(torch.softmax(lg, 1)[:, 0].sum()))
+
+
+def test_three_modalities_scale_each_encoders_weights_including_the_feature_encoder():
+    m = make3(ge=False, alpha=0.8)
+    g = torch.Generator().manual_seed(1)
+    inputs = {k: torch.randn(16, *s, generator=g) for k, s in SHAPES3.items()}
+    y = torch.randint(0, 4, (16,), generator=g)
+    with torch.no_grad():
+        split = m.model.fusion.split_logits(m.model(inputs).features)
+    plain, used, logs = step_grads(m, inputs, y)
+    assert {"k_audio", "k_visual", "k_text", "ratio_audio", "ratio_visual", "ratio_text"} <= set(logs)
+    assert sum(logs[f"k_{x}"] == 1.0 for x in SHAPES3) >= 1 and min(logs[f"k_{x}"] for x in SHAPES3) < 1
+    scores = {x: float(torch.softmax(split[x], 1).gather(1, y[:, None]).sum()) for x in SHAPES3}  # bias/3 split
+    weakest = min(scores.values())
+    for x in SHAPES3:
+        assert logs[f"ratio_{x}"] == pytest.approx(scores[x] / (weakest + 1e-5), rel=1e-4)
+    n_text = 0
+    for name, g_ in plain.items():
+        mod = name.split(".")[1] if name.startswith("encoders.") else None
+        if mod is not None and g_.dim() >= 2:
+            torch.testing.assert_close(used[name], g_ * logs[f"k_{mod}"])
+            n_text += mod == "text"
+        else:
+            torch.testing.assert_close(used[name], g_, rtol=0, atol=0)
+    assert n_text == 2  # the text MLP's two weight matrices; its biases untouched
+    assert make3().describe_run()["ogm_estimator"] == "weight-split-bias/3"
 
 
 def write_recipe(path: Path, method: str, epochs: int = 2) -> Path:

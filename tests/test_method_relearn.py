@@ -1,4 +1,4 @@
-"""Diagnosing & Re-learning (METHODS.md §3): purity, k-means diagnosis on scaled features,
+"""Diagnosing & Re-learning (docs/methods/relearn.md): purity, k-means diagnosis on scaled features,
 tanh weights, soft re-init of encoders only, schedule, resumable state, bad input, one run."""
 from __future__ import annotations
 

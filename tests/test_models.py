@@ -91,7 +91,7 @@ def test_resnet18_layout_matches_the_repos() -> None:
     n_params = sum(p.numel() for p in m.parameters())
     assert m.trunk.conv1.in_channels == 1 and m.trunk.conv1.weight.shape == (64, 1, 7, 7)
     assert n_params == 11_170_240  # torchvision resnet18 minus fc, conv1 with one input channel
-    # 257x188 spectrogram -> 512 x 9 x 6 map, as METHODS.md §5 states
+    # 257x188 spectrogram -> 512 x 9 x 6 map, as docs/README.md "Backbones" states
     assert m.trunk(torch.randn(1, 1, 257, 188)).shape == (1, 512, 9, 6)
 
 

@@ -90,8 +90,9 @@ def test_bad_input_exits_2_and_writes_nothing(mm_env: Path, cli, tmp_path: Path)
         import os
         if os.geteuid() != 0:  # root can write anywhere; the check is then about a missing folder
             assert code == 2 and "not writable" in out
-        code, out = cli("sweep", r, "--db", f"sqlite:///{tmp_path / 'missing' / 'x.db'}")
-        assert code == 2 and "does not exist" in out
+        (tmp_path / "afile").write_text("")  # a missing folder is created; one under a file cannot be
+        code, out = cli("sweep", r, "--db", f"sqlite:///{tmp_path / 'afile' / 'sub' / 'x.db'}")
+        assert code == 2 and "cannot be created" in out
     finally:
         ro.chmod(0o700)
     code, out = cli("sweep", mm_env / "nope.yaml")

@@ -24,7 +24,7 @@ def norm(s: str) -> str:
     (["--launcher", "slurm", "--partition", "gpu", "--gpus", "0"], "use --gpus-per-job instead"),
     (["--launcher", "slurm", "--partition", "gpu", "--sbatch", "exclusive"], "--sbatch exclusive: expected KEY=VALUE"),
     (["--no-wait"], "--no-wait needs a launcher whose jobs outlive this command"),
-    (["--db", "sqlite:////nonexistent/folder/results.db"], "folder /nonexistent/folder does not exist"),
+    (["--db", "sqlite:////dev/null/folder/results.db"], "folder /dev/null/folder cannot be created"),
     (["--db", "postgresql://mmbench@127.0.0.1:1/results"], "postgresql://mmbench@127.0.0.1:1/results"),
     (["--set", "launcher.name=slurm"], "--launcher slurm needs a partition"),
 ])

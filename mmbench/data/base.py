@@ -17,6 +17,7 @@ class PrepareRequest:
     workers: int = 1
     force: bool = False
     options: dict[str, Any] = field(default_factory=dict)
+    used: dict[str, str] = field(default_factory=dict)  # local files read, name -> path (for the report)
 
 
 @dataclass
@@ -38,6 +39,11 @@ class DatasetBuilder(ABC):
     protocols: ClassVar[dict[str, str]] = {}
     default_protocol: ClassVar[str] = "default"
     modalities: ClassVar[tuple[str, ...]] = ("audio", "visual")
+
+    @classmethod
+    def modalities_of(cls, protocol: str) -> tuple[str, ...]:
+        """The modalities a protocol gives before it is prepared (a protocol may add one)."""
+        return cls.modalities
 
     @abstractmethod
     def prepare(self, req: PrepareRequest) -> PrepareResult:

@@ -69,6 +69,8 @@ class ManifestBuilder(DatasetBuilder):
             raise UserError(f"--source {req.source}: no such file or folder")
         plan = self.plan(man, req, params)
         plan.options = dict(req.options)
+        plan.local_files = {**({"--source": str(Path(req.source).resolve())} if req.source is not None else {}),
+                            **req.used, **plan.local_files}
         return build_store(plan, req.data_dir, req.workers, console)
 
 
@@ -109,28 +111,63 @@ def subdirs(d: Path) -> list[Path]:
         return []
 
 
+def find_by_content(roots: list[Path], src: Source, depth: int = 2) -> Path | None:
+    """A file of `src`'s size and SHA-256 under any root, whatever its name (a split list saved as
+    `train.csv`, or by a browser as `list (1).txt`). Sizes are compared first, so only same-size
+    files are hashed; media folders full of clips are not descended into."""
+    if src.sha256 is None or src.size is None:
+        return None
+    level = [r for r in roots if r.is_dir()]
+    for _ in range(depth + 1):
+        nxt = []
+        for d in level:
+            try:
+                with os.scandir(d) as it:
+                    entries = list(it)
+            except OSError:
+                continue
+            if len(entries) > 2000:  # a media folder, not where anyone keeps a split list
+                continue
+            for e in sorted(entries, key=lambda e: e.name):
+                if e.name.startswith("."):
+                    continue
+                if e.is_dir():
+                    nxt.append(Path(e.path))
+                elif e.is_file() and e.stat().st_size == src.size and sha256_file(Path(e.path)) == src.sha256:
+                    return Path(e.path)
+        level = nxt
+    return None
+
+
 def fetch_source(src: Source, req: PrepareRequest, dataset: str, search: list[Path] | None = None) -> Path:
-    """A pinned file (split list, metadata): cached copy, else a file with the same name and hash in
-    --source (or `search`), else a download."""
+    """A pinned file (split list, metadata): from --source (or `search`) first, found by its name or,
+    under any name, by its content; else a cached copy; else a download. The local file used is
+    recorded in `req.used` for the report."""
     cache = downloads_dir(req, dataset) / src.filename
-    if cache.is_file() and (src.sha256 is None or sha256_file(cache) == src.sha256):
-        return cache
     roots = [Path(req.source)] if req.source is not None else []
     roots += search or []
     if roots and src.sha256 is not None:
-        for cand in find_named(roots, src.filename):
-            if sha256_file(cand) == src.sha256:
-                cache.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(cand, cache)
-                return cache
+        named = [c for c in find_named(roots, src.filename) if sha256_file(c) == src.sha256]
+        found = named[0] if named else find_by_content(roots, src)
+        if found is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            if found.resolve() != cache.resolve():
+                shutil.copyfile(found, cache)
+            req.used[src.filename] = str(found.resolve())
+            return cache
+    if cache.is_file() and (src.sha256 is None or sha256_file(cache) == src.sha256):
+        req.used[src.filename] = str(cache.resolve())
+        return cache
     console.print(f"[dim]downloading {src.filename} ({src.urls[0]})[/dim]")
     try:
-        return download(src.urls, cache, src.sha256, src.size)
+        got = download(src.urls, cache, src.sha256, src.size)
+        req.used[src.filename] = f"{got.resolve()} (downloaded from {src.urls[0]})"
+        return got
     except DownloadError as e:
         raise UserError(
             f"{e}. If this machine is offline, put {src.filename} (from {src.urls[0]}"
             f"{', sha256 ' + src.sha256 if src.sha256 else ''}) "
-            f"into {cache.parent} or into the --source folder, and re-run"
+            f"into the --source folder (under any name, up to two folders deep) or into {cache.parent}, and re-run"
         ) from None
 
 

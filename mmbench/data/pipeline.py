@@ -31,7 +31,7 @@ from mmbench.data import features
 from mmbench.data.base import PrepareResult
 from mmbench.data.download import disk_full, sha256_file
 from mmbench.data.media import MediaError
-from mmbench.data.store import ModalitySpec, StoreMeta, StoreWriter, dir_size_bytes, store_dir
+from mmbench.data.store import ModalitySpec, StoreMeta, StoreWriter, atomic_write_json, dir_size_bytes, store_dir
 from mmbench.errors import UserError
 
 CHUNK = 32
@@ -66,6 +66,15 @@ class Plan:
     sources: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     options: dict[str, Any] = field(default_factory=dict)
+    local_files: dict[str, str] = field(default_factory=dict)  # what was read from this machine: name -> path
+
+    @property
+    def verify(self) -> bool:
+        """False after `prepare --no-verify`: a checksum mismatch is recorded, not a rejection."""
+        return bool(self.options.get("verify", True))
+
+
+UNVERIFIED = "unverified: "  # status prefix of an item kept despite a checksum mismatch (--no-verify)
 
 
 def store_params(dataset: str, protocol: str, params: dict[str, Any], options: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -76,14 +85,19 @@ def store_params(dataset: str, protocol: str, params: dict[str, Any], options: d
     return json.loads(json.dumps(out))
 
 
-def featurize(item: Item, params: dict[str, Any]) -> dict[str, np.ndarray]:
+def featurize(item: Item, params: dict[str, Any], verify: bool = True) -> tuple[dict[str, np.ndarray], str | None]:
+    """The item's features, and the checksum mismatch it was kept despite (verify=False) or None."""
+    mismatch = None
     for path, sha in item.checks:
         try:
             got = sha256_file(path)
         except FileNotFoundError:
             raise MediaError(f"file missing ({path.name})") from None
         if got != sha:
-            raise MediaError(f"checksum mismatch ({path.name}: sha256 {got[:12]}..., expected {sha[:12]}...)")
+            why = f"checksum mismatch ({path.name}: sha256 {got[:12]}..., expected {sha[:12]}...)"
+            if verify:
+                raise MediaError(why)
+            mismatch = mismatch or why
     out: dict[str, np.ndarray] = {}
     if "audio" in params:
         if item.audio is None:
@@ -98,13 +112,14 @@ def featurize(item: Item, params: dict[str, Any]) -> dict[str, np.ndarray]:
             out["visual"] = features.frames_from_file(item.video, vp)
         else:
             raise MediaError("no video file")
-    return out
+    return out, mismatch
 
 
-def _work(task: tuple[int, Item, dict[str, Any]]) -> tuple[int, dict[str, np.ndarray] | None, str | None]:
-    i, item, params = task
+def _work(task: tuple[int, Item, dict[str, Any], bool]) -> tuple[int, dict[str, np.ndarray] | None, str | None]:
+    i, item, params, verify = task
     try:
-        return i, featurize(item, params), None
+        out, mismatch = featurize(item, params, verify)
+        return i, out, None if mismatch is None else UNVERIFIED + mismatch
     except MediaError as e:
         return i, None, str(e)
     except Exception as e:  # a decoder crash on one odd file must not lose the whole run
@@ -119,6 +134,25 @@ def _init_worker() -> None:
 
 def reason_category(reason: str) -> str:
     return reason.split(" (")[0].split(":")[0].strip()
+
+
+def reason_lines(entries: list[dict[str, str]], first: int = 3) -> list[str]:
+    """Per reason: how many items, in which splits, and the first few with their full reason, so a
+    failed (or partial) prepare says why without opening the report."""
+    groups: dict[str, list[dict[str, str]]] = {}
+    for e in entries:
+        groups.setdefault(reason_category(e["reason"]), []).append(e)
+    lines = []
+    for cat, es in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        per = Counter(e["split"] for e in es)
+        lines.append(f"  {len(es)} {cat} ({', '.join(f'{s} {n}' for s, n in per.items())}), e.g.:")
+        lines += [f"    {e['id']}: {e['reason']}" for e in es[:first]]
+    return lines
+
+
+def failed_report_path(store: Path) -> Path:
+    """Where a prepare that produced no store leaves its report (beside where the store would be)."""
+    return store.parent / f"prepare_report.{store.name}.failed.json"
 
 
 def versions() -> dict[str, Any]:
@@ -246,11 +280,11 @@ def _progress(console: Console | None) -> Progress:
     )
 
 
-def _tasks(plan: Plan, split: str, todo: list[int]) -> Iterator[tuple[int, Item, dict[str, Any]]]:
+def _tasks(plan: Plan, split: str, todo: list[int]) -> Iterator[tuple[int, Item, dict[str, Any], bool]]:
     items = plan.items[split]
     for c in todo:
         for i in range(c * CHUNK, min((c + 1) * CHUNK, len(items))):
-            yield i, items[i], plan.params
+            yield i, items[i], plan.params, plan.verify
 
 
 def build_store(plan: Plan, data_dir: Path, workers: int = 1, console: Console | None = None) -> PrepareResult:
@@ -362,9 +396,12 @@ def _finish(plan: Plan, data_dir: Path, work: _Work, status: dict[str, list[str 
     corrupt: list[dict[str, str]] = []
     missing: list[dict[str, str]] = []
     reasons: dict[str, dict[str, int]] = {}
+    unverified: list[dict[str, str]] = []
     for split, items in plan.items.items():
         st = status[split]
-        keep = np.array([s is None for s in st], dtype=bool)
+        keep = np.array([s is None or s.startswith(UNVERIFIED) for s in st], dtype=bool)
+        unverified += [{"split": split, "id": it.id, "reason": s[len(UNVERIFIED):]}
+                       for it, s in zip(items, st) if s is not None and s.startswith(UNVERIFIED)]
         # the log goes first: once arrays leave the work folder, a kill must mean "redo", never reuse
         work.log_path(split).unlink(missing_ok=True)
         (writer.staging / split).mkdir(parents=True, exist_ok=True)
@@ -375,7 +412,7 @@ def _finish(plan: Plan, data_dir: Path, work: _Work, status: dict[str, list[str 
                 compact_npy(f, keep)
         kept = [it for it, k in zip(items, keep) if k]
         writer.write_labels(split, np.array([it.label for it in kept], dtype=np.int64), (it.id for it in kept))
-        bad = [(it.id, s) for it, s in zip(items, st) if s is not None]
+        bad = [(it.id, s) for it, s, k in zip(items, st, keep) if not k]
         miss = plan.missing.get(split, [])
         corrupt += [{"split": split, "id": i, "reason": r} for i, r in bad]
         missing += [{"split": split, "id": i, "reason": r} for i, r in miss]
@@ -385,8 +422,17 @@ def _finish(plan: Plan, data_dir: Path, work: _Work, status: dict[str, list[str 
                             "corrupt": len(bad), "stored": len(kept)}
     if sum(counts.values()) == 0:
         shutil.rmtree(writer.staging, ignore_errors=True)
+        failed = {"dataset": plan.dataset, "protocol": plan.protocol, "outcome": "failed: no item could be used",
+                  "splits": split_rep, "reasons": reasons, "missing": missing, "corrupt": corrupt,
+                  "sources": plan.sources, "local_files": plan.local_files, "verified": False}
+        where = failed_report_path(target)
+        atomic_write_json(where, failed)
+        hint = ("; the files differ from the canonical ones: if your copy was re-encoded or resampled, "
+                "`prepare --no-verify` keeps them and marks the store and its runs unverified"
+                if any("checksum mismatch" in r for split in reasons.values() for r in split) and plan.verify else "")
         raise UserError(f"{plan.dataset}: none of the {sum(r['expected'] for r in split_rep.values())} listed items "
-                        "could be used (see the reasons above); is the source the right dataset?")
+                        f"could be used; is the source the right dataset?{hint}\n"
+                        + "\n".join(reason_lines(missing + corrupt)) + f"\n  report: {where}")
     params = store_params(plan.dataset, plan.protocol, plan.params, plan.options)
     mods = {}
     for m, (shape, dtype) in shapes.items():
@@ -404,6 +450,10 @@ def _finish(plan: Plan, data_dir: Path, work: _Work, status: dict[str, list[str 
         "classes": plan.classes,
         "params": params,
         "sources": plan.sources,
+        "local_files": plan.local_files,
+        "verified": not unverified,
+        "checksum_mismatches": len(unverified),
+        "unverified": unverified,
         "notes": plan.notes,
         "resampler": ({plan.params["audio"].get("resampler", "kaiser_best"):
                        features.RESAMPLERS[plan.params["audio"].get("resampler", "kaiser_best")],
@@ -417,4 +467,5 @@ def _finish(plan: Plan, data_dir: Path, work: _Work, status: dict[str, list[str 
     }
     report["store_bytes"] = dir_size_bytes(writer.staging)
     store = writer.finish(meta, report)
+    failed_report_path(target).unlink(missing_ok=True)  # an earlier failed attempt's report is obsolete
     return PrepareResult(store, False, report)

@@ -58,6 +58,20 @@ def run_row(cfg: dict[str, Any], rid: str, run_dir: Path | None = None, depends_
     )
 
 
+def data_verification(dataset: str, protocol: str, data_dir: str | None) -> dict[str, Any]:
+    """Whether the store a run trains on was checksum-verified (`prepare --no-verify` keeps copies
+    that differ from the canonical files), from its prepare_report.json; recorded with every run so
+    a report can mark results trained on unverified data."""
+    from mmbench.data.store import store_dir
+
+    rep = store_dir(dataset, protocol, data_dir) / "prepare_report.json"
+    try:
+        d = json.loads(rep.read_text())
+    except (OSError, ValueError):
+        return {"verified": None}  # an embedded dataset, or a store from before this was recorded
+    return {"verified": d.get("verified", True), "checksum_mismatches": int(d.get("checksum_mismatches", 0) or 0)}
+
+
 def execute(
     cfg: dict[str, Any],
     rid: str,
@@ -84,7 +98,8 @@ def execute(
         "id": rid,
         "started_at": started.isoformat(),
         "device": _device_name(device),
-        "environment": environment(),
+        "environment": {**environment(), "threads": torch.get_num_threads(),
+                        "data": data_verification(cfg["dataset"]["name"], cfg["dataset"]["protocol"], data_dir)},
     }
     try:
         res = Trainer(cfg, rdir, device, data_dir, workers, progress, dependencies or {}).fit()

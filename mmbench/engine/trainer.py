@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import DataLoader
 
+from mmbench.data.resample import PlannedSplit
 from mmbench.data.store import PreparedDataset, collate
 from mmbench.data.transforms import get_transform
 from mmbench.engine import checkpoint as ckpt
@@ -154,15 +155,21 @@ class Trainer:
             t0 = time.perf_counter()
             sums: dict[str, Any] = {}
             n = 0
-            loader = self._loader(splits["train"], True, bs, seed * 100_003 + epoch)
+            plan = method.train_plan()
+            train_set = PlannedSplit(splits["train"], plan) if plan is not None else splits["train"]
+            epoch_steps = steps
+            if plan is not None:
+                epoch_steps = len(train_set) // bs if t_cfg["drop_last"] else math.ceil(len(train_set) / bs)
+            loader = self._loader(train_set, True, bs, seed * 100_003 + epoch)
             for step, raw in enumerate(loader):
                 inputs, y = prepare(raw, True)
-                out = method.update(inputs, y, StepContext(epoch, step, steps, epochs))
+                tags = raw["tag"].to(self.device) if "tag" in raw else None
+                out = method.update(inputs, y, StepContext(epoch, step, epoch_steps, epochs, tags))
                 for k, v in out.items():
                     sums[k] = sums.get(k, 0.0) + (v.detach().float() if isinstance(v, torch.Tensor) else float(v))
                 n += 1
-                if self.progress and (step % 10 == 0 or step == steps - 1):
-                    self.progress({"event": "step", "epoch": epoch, "epochs": epochs, "step": step + 1, "steps": steps})
+                if self.progress and (step % 10 == 0 or step == epoch_steps - 1):
+                    self.progress({"event": "step", "epoch": epoch, "epochs": epochs, "step": step + 1, "steps": epoch_steps})
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             train_seconds = time.perf_counter() - t0

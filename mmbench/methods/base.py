@@ -19,7 +19,8 @@ from torch import nn
 
 from mmbench.errors import UserError
 from mmbench.models.classifier import ModelOutput, build_classifier
-from mmbench.models.fusion import Fusion
+from mmbench.models.encoders import check_backbone
+from mmbench.models.fusion import Fusion, check_fusion
 from mmbench.registry import Registry
 
 
@@ -74,10 +75,21 @@ class StepContext:
     step: int  # 0-based within the epoch
     steps_per_epoch: int
     num_epochs: int
+    tags: torch.Tensor | None = None  # per-sample tags of a method's TrainPlan (None without a plan)
 
     @property
     def global_step(self) -> int:
         return self.epoch * self.steps_per_epoch + self.step
+
+
+@dataclass
+class TrainPlan:
+    """The training set of one epoch, when a method re-samples it (modality valuation): which stored
+    train items to use, repeats allowed, and a small integer tag per entry that reaches the method's
+    step as `StepContext.tags` (e.g. which modality to drop for that copy). Shuffled like the plain set."""
+
+    indices: list[int]
+    tags: list[int]
 
 
 @dataclass
@@ -158,12 +170,22 @@ class Method(nn.Module, metaclass=ABCMeta):
             why = f" ({cls.modality_reason})" if cls.modality_reason else ""
             raise UserError(f"method '{cls.name}' needs {want} modalities, the dataset gives {n} "
                             f"({', '.join(spec.modalities)}){why}")
+        check_backbone(spec.backbone, spec.input_shapes)
+        if n > 1:
+            check_fusion(spec.fusion, spec.modalities)
         if cls.fusions is not None and spec.fusion not in cls.fusions:
             why = f" ({cls.fusion_reason})" if cls.fusion_reason else ""
             raise UserError(
                 f"method '{cls.name}' cannot serve fusion '{spec.fusion}'{why}; "
                 f"set model.fusion to one of: {', '.join(sorted(cls.fusions))}"
             )
+
+    @classmethod
+    def resolve(cls, hp: HParams, train: TrainSpec) -> HParams:
+        """Parameters given relative to the training settings (e.g. a stage schedule that scales with
+        train.epochs) -> absolute ones. Called when a recipe is expanded, so the run's config records
+        what will run, and `--dry-run` sees it."""
+        return hp
 
     @classmethod
     def check_train(cls, train: TrainSpec, hp: HParams) -> None:
@@ -246,6 +268,10 @@ class Method(nn.Module, metaclass=ABCMeta):
     def on_epoch_start(self, ctx: EpochContext) -> dict[str, float]:
         return {}
 
+    def train_plan(self) -> TrainPlan | None:
+        """This epoch's training set, if the method re-samples it (asked after `on_epoch_start`)."""
+        return None
+
     def on_epoch_end(self, ctx: EpochContext) -> dict[str, float]:
         return {}
 
@@ -275,6 +301,6 @@ def register_method(cls: type[Method]) -> type[Method]:
 
 
 __all__ = [
-    "EpochContext", "Field", "HParams", "METHODS", "Method", "ModelSpec", "StepContext", "TrainSpec",
+    "EpochContext", "Field", "HParams", "METHODS", "Method", "ModelSpec", "StepContext", "TrainPlan", "TrainSpec",
     "register_method", "search_space",
 ]

@@ -1,4 +1,4 @@
-"""`mie`: Modal-aware Interactive Enhancement (Jiang, Chi & Yang, 2024; METHODS.md §4), as
+"""`mie`: Modal-aware Interactive Enhancement (Jiang, Chi & Yang, 2024; docs/methods/mie.md), as
 implemented by the authors' IGM code.
 
 No fusion layer: one encoder and one MLP classifier per modality, trained in alternating
@@ -12,6 +12,10 @@ less with what the other has learnt. Prediction averages the classifiers' softma
 Each stage restarts from the best state so far with a fresh optimizer and scheduler. The repo
 picks that state on the test set (fused macro-F1); here it is picked on the validation split, by
 the same metric, and kept in the method's state so a resumed run restarts from the same weights.
+
+More than two modalities, as the authors' three-modality code (IJCAI25-IGM@19aa8e5,
+`train_nvGesture.py`: depth -> rgb -> of -> depth ...): stages cycle through the modalities in
+order and each stage's projections come from the modality of the stage before.
 """
 from __future__ import annotations
 
@@ -38,7 +42,11 @@ from mmbench.models.encoders import build_encoder
 class MIEHParams(HParams):
     epoch_list: list[Annotated[int, Field(ge=1)]] = Field(
         default_factory=lambda: [25, 50] * 6, min_length=1,
-        description="epochs of each stage; stages alternate modalities, audio first; the sum must equal train.epochs")
+        description="epochs of each stage; stages alternate modalities, audio first; the sum must equal train.epochs "
+        "(with stages: scale, proportions rescaled to train.epochs)")
+    stages: Literal["exact", "scale"] = Field(
+        "exact", description="exact: epoch_list is in epochs (the official setting); scale: epoch_list gives the "
+        "stages' proportions, rescaled to train.epochs when the recipe is expanded (the run records the result)")
     mixup_alpha: float = Field(1.0, ge=0, description="Beta(alpha, alpha) mixup on the active modality (0: no mixup)")
     flat_ratio: float = Field(0.3, ge=0, le=1, description="weight of the flat (SAM) loss: L = (1-r) L_ori + r L_flat",
                               json_schema_extra={"search": [0.1, 0.3, 0.5]})
@@ -65,6 +73,29 @@ def stage_at(epoch: int, epoch_list: list[int]) -> tuple[int, int]:
             return s, epoch - start
         start += n
     raise ValueError(f"epoch {epoch} is past the end of epoch_list {epoch_list}")
+
+
+def scale_stages(proportions: list[int], epochs: int) -> list[int]:
+    """Stage lengths in proportion to `proportions` that sum to `epochs`, each at least one epoch.
+
+    Largest remainder, ties to the earlier stage, so a schedule that already sums to `epochs` is
+    returned unchanged. With fewer epochs than stages the first `epochs` stages get one epoch each
+    (the alternation is kept, its tail dropped)."""
+    if epochs < 2:
+        raise UserError(f"method 'mie' needs at least 2 epochs (one stage per modality); train.epochs is {epochs}")
+    props = proportions[:epochs]
+    total = sum(props)
+    quota = [p * epochs / total for p in props]
+    out = [int(q) for q in quota]
+    order = sorted(range(len(props)), key=lambda i: (-(quota[i] - out[i]), i))
+    for i in order[: epochs - sum(out)]:
+        out[i] += 1
+    for i in range(len(out)):  # every stage keeps at least one epoch, taken from the longest
+        if out[i] == 0:
+            j = max(range(len(out)), key=lambda k: (out[k], -k))
+            out[j] -= 1
+            out[i] = 1
+    return out
 
 
 def mean_softmax_logits(logits: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -123,12 +154,19 @@ class MIE(Method):
     fusion_reason = "it has no fusion layer: it averages its per-modality classifiers' softmaxes"
 
     @classmethod
+    def resolve(cls, hp: HParams, train: TrainSpec) -> HParams:
+        if hp.stages == "exact":  # type: ignore[attr-defined]
+            return hp
+        return hp.model_copy(update={"epoch_list": scale_stages(list(hp.epoch_list), train.epochs)})  # type: ignore[attr-defined]
+
+    @classmethod
     def check_train(cls, train: TrainSpec, hp: HParams) -> None:
         total = sum(hp.epoch_list)  # type: ignore[attr-defined]
         if total != train.epochs:
             raise UserError(
                 f"method 'mie': epoch_list {hp.epoch_list} sums to {total} epochs but train.epochs is {train.epochs}; "  # type: ignore[attr-defined]
-                f"set train.epochs: {total} (e.g. in the method entry's own `train:`) or change epoch_list"
+                f"set train.epochs: {total} (e.g. in the method entry's own `train:`), change epoch_list, "
+                f"or add `stages: scale` to the mie entry to rescale epoch_list to train.epochs"
             )
 
     def __init__(self, spec: ModelSpec, hp: HParams, train: TrainSpec) -> None:
@@ -346,4 +384,5 @@ class MIE(Method):
     def describe_run(self) -> dict[str, Any]:
         return {"estimator": "own-classifiers", "prediction": "mean of per-modality softmaxes", "sam": self.mhp.sam,
                 "stage_restart": "best val macro-F1 so far (the repo: best test macro-F1)",
-                "stage_modalities": [self.active(s) for s in range(len(self.mhp.epoch_list))]}
+                "stage_modalities": [self.active(s) for s in range(len(self.mhp.epoch_list))],
+                "stage_epochs": list(self.mhp.epoch_list), "stages": self.mhp.stages}

@@ -1,4 +1,4 @@
-"""`mmpareto`: MMPareto (Wei & Hu, ICML 2024; METHODS.md §2).
+"""`mmpareto`: MMPareto (Wei & Hu, ICML 2024; docs/methods/mmpareto.md).
 
 The model is multitask-like: shared encoders, the fused concat head and one linear head per
 modality, trained on L_mm + sum_m L_m. For each encoder the gradients of L_mm and of its own

@@ -1,4 +1,4 @@
-"""`relearn`: Diagnosing & Re-learning (Wei, Li, Feng & Hu, ECCV 2024; METHODS.md §3).
+"""`relearn`: Diagnosing & Re-learning (Wei, Li, Feng & Hu, ECCV 2024; docs/methods/relearn.md).
 
 Training is plain joint training. Every `reinit_epoch` epochs (at most `reinit_num` times) each
 modality's learning state is diagnosed from how well k-means recovers the classes in its pooled
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from mmbench.errors import UserError
-from mmbench.methods.base import EpochContext, Field, HParams, register_method
+from mmbench.methods.base import EpochContext, Field, HParams, TrainSpec, register_method
 from mmbench.methods.joint import Joint
 
 
@@ -100,6 +100,19 @@ class Relearn(Joint):
     name = "relearn"
     description = "Diagnosing & Re-learning: soft re-init of each encoder by tanh(lambda * train-val purity gap)"
     HParams = RelearnHParams
+
+    @classmethod
+    def check_train(cls, train: TrainSpec, hp: HParams) -> None:
+        """A schedule that never re-initialises is joint training under another name: refuse it before
+        training (a re-init diagnosed after 0-based epoch e applies at the start of e+1, so the first
+        one needs e = reinit_epoch <= epochs - 2). reinit_num: 0 asks for none and is allowed."""
+        r: RelearnHParams = hp  # type: ignore[assignment]
+        if r.reinit_num > 0 and r.reinit_epoch > train.epochs - 2:
+            raise UserError(
+                f"method 'relearn': reinit_epoch {r.reinit_epoch} never re-initialises in {train.epochs} epochs (the "
+                f"first re-init follows epoch {r.reinit_epoch} (0-based) and needs train.epochs >= {r.reinit_epoch + 2}); "
+                + (f"set reinit_epoch <= {train.epochs - 2}, " if train.epochs >= 3 else "")
+                + "raise train.epochs, or set reinit_num: 0 for none")
 
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)

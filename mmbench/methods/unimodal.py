@@ -11,6 +11,7 @@ from mmbench.errors import UserError
 from mmbench.methods.base import Field, HParams, ModelSpec, register_method
 from mmbench.methods.joint import Joint
 from mmbench.models.classifier import build_classifier
+from mmbench.models.encoders import check_backbone
 
 
 class UnimodalHParams(HParams):
@@ -31,6 +32,7 @@ class Unimodal(Joint):
             raise UserError(
                 f"unimodal: modality '{hp.modality}' is not in the dataset; choose one of: {', '.join(spec.modalities)}"
             )
+        check_backbone(spec.backbone, {hp.modality: spec.input_shapes[hp.modality]})
 
     @property
     def modalities(self) -> list[str]:

@@ -1,4 +1,4 @@
-"""AGM's competition strength (METHODS.md §1 "Competition strength"), per modality.
+"""AGM's competition strength (docs/methods/agm.md, "Competition strength"), per modality.
 
 Fit ridge regression (alpha 120, with intercept) from the joint model's fused representation Z
 to modality m's mono-modal concept Y_m (the pooled features of the `unimodal` run of the same

@@ -1,9 +1,17 @@
 """Modality encoders: input tensor -> pooled feature (B, D).
 
-ResNet18 as every method repo uses it (METHODS.md §5 "Backbones"): BasicBlock [2,2,2,2], widths
+ResNet18 as every method repo uses it (docs/README.md "Backbones"): BasicBlock [2,2,2,2], widths
 64-128-256-512, no pretraining, no avgpool/fc inside; audio conv1 takes 1 channel, visual frames
 are folded into the batch and pooled over time and space together. `tiny` is a 3-layer CNN with
 the same input/output contract for CPU runs and tests.
+
+1-D modalities (pre-extracted features: a vector (D,) or a sequence (L, D), e.g. CMU-MOSEI's
+word/COVAREP/Facet streams or synthetic/three's `text`) are recognised by their input rank (<= 2)
+and get a feature encoder instead: `mlp` (per-token MLP, mean over tokens) or `transformer`
+(a small pre-norm transformer encoder, mean over tokens). Each image backbone names the feature
+encoder it pairs with (`tiny` -> 32-d mlp, `resnet18` -> 512-d transformer) so a recipe with
+one `model.backbone` serves mixed datasets; `mlp` / `transformer` as the backbone serve
+all-feature datasets and refuse image/video modalities.
 """
 from __future__ import annotations
 
@@ -12,6 +20,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from mmbench.errors import UserError
 from mmbench.registry import Registry
 
 BackboneFactory = Callable[[str, int], "Encoder"]
@@ -121,7 +130,116 @@ def modality_is_video(modality: str) -> bool:
     return modality in VIDEO_MODALITIES
 
 
-def build_encoder(backbone: str, modality: str, input_shape: list[int]) -> Encoder:
-    """`input_shape` excludes the batch: audio (C, F, T), visual (T, C, H, W)."""
+def build_encoder(backbone: str, modality: str, input_shape: list[int]) -> nn.Module:
+    """`input_shape` excludes the batch: audio (C, F, T), visual (T, C, H, W), features (D,) or (L, D)."""
+    if is_feature_input(input_shape):
+        return build_feature_encoder(backbone, input_shape)
     in_channels = input_shape[1] if modality_is_video(modality) else input_shape[0]
     return BACKBONES.get(backbone)(modality, in_channels)
+
+
+# ----- 1-D feature modalities ---------------------------------------------------------------
+FeatureFactory = Callable[[int, int], "FeatureEncoder"]  # (feature dim, max tokens) -> encoder
+FEATURE_ENCODERS: Registry[FeatureFactory] = Registry("feature encoder")
+# the feature encoder each image backbone uses for a 1-D modality; a feature backbone is its own
+FEATURE_PAIRING = {"tiny": "mlp", "resnet18": "transformer"}
+
+
+def is_feature_input(input_shape: list[int]) -> bool:
+    """A vector (D,) or a sequence of vectors (L, D): no channel/space axes to convolve."""
+    return len(input_shape) <= 2
+
+
+class FeatureEncoder(nn.Module):
+    """Maps (B, D) or (B, L, D) features to a pooled (B, out_dim) vector; a vector is one token."""
+
+    out_dim: int
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, None, :] if x.dim() == 2 else x
+
+
+class MLPFeatureEncoder(FeatureEncoder):
+    """Linear-ReLU-Linear-ReLU applied to every token, then the mean over tokens (a bag of
+    features: order-free, the 1-D analogue of the CNNs' global average pool)."""
+
+    def __init__(self, in_dim: int, hidden: int, out_dim: int) -> None:
+        super().__init__()
+        self.out_dim = out_dim
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim),
+                                 nn.ReLU(inplace=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.tokens(x)).mean(dim=1)
+
+
+class TransformerFeatureEncoder(FeatureEncoder):
+    """Linear projection + learned positions, `layers` pre-norm transformer encoder layers
+    (GELU, no dropout so train and eval passes agree), final LayerNorm, mean over tokens."""
+
+    def __init__(self, in_dim: int, max_len: int, width: int, heads: int, layers: int) -> None:
+        super().__init__()
+        self.out_dim = width
+        self.proj = nn.Linear(in_dim, width)
+        self.pos = nn.Parameter(torch.zeros(1, max_len, width))
+        nn.init.normal_(self.pos, std=0.02)
+        layer = nn.TransformerEncoderLayer(width, heads, 2 * width, dropout=0.0, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.tokens(x)
+        if t.shape[1] > self.pos.shape[1]:
+            raise ValueError(f"sequence of {t.shape[1]} tokens, longer than the {self.pos.shape[1]} this encoder was built for")
+        h = self.blocks(self.proj(t) + self.pos[:, : t.shape[1]])
+        return self.norm(h).mean(dim=1)
+
+
+@FEATURE_ENCODERS.register("mlp")
+def mlp_features(in_dim: int, max_len: int) -> FeatureEncoder:
+    """Per-token MLP (64 hidden, 32-d out), mean over tokens: the `tiny` pairing."""
+    return MLPFeatureEncoder(in_dim, 64, 32)
+
+
+@FEATURE_ENCODERS.register("transformer")
+def transformer_features(in_dim: int, max_len: int) -> FeatureEncoder:
+    """2-layer transformer, width 512, 8 heads: the `resnet18` pairing (same 512-d output)."""
+    return TransformerFeatureEncoder(in_dim, max_len, 512, 8, 2)
+
+
+def _feature_only(name: str) -> BackboneFactory:
+    def factory(modality: str, in_channels: int) -> Encoder:
+        raise UserError(f"backbone '{name}' encodes 1-D feature modalities only, and '{modality}' is an "
+                        "image/video input; set model.backbone to tiny or resnet18 (they encode images and "
+                        "video, and pick a feature encoder for the 1-D modalities themselves)")
+    factory.__doc__ = f"The `{name}` feature encoder for every modality (all must be 1-D features)."
+    return factory
+
+
+for _name in FEATURE_ENCODERS.names():
+    BACKBONES.register(_name)(_feature_only(_name))
+
+
+def feature_encoder_name(backbone: str) -> str:
+    if backbone in FEATURE_ENCODERS:
+        return backbone
+    if backbone not in FEATURE_PAIRING:
+        raise UserError(f"backbone '{backbone}' has no encoder for 1-D feature modalities; "
+                        f"use one of: {', '.join(sorted({*FEATURE_PAIRING, *FEATURE_ENCODERS.names()}))}")
+    return FEATURE_PAIRING[backbone]
+
+
+def build_feature_encoder(backbone: str, input_shape: list[int]) -> FeatureEncoder:
+    in_dim = input_shape[-1]
+    max_len = input_shape[0] if len(input_shape) == 2 else 1
+    return FEATURE_ENCODERS.get(feature_encoder_name(backbone))(in_dim, max_len)
+
+
+def check_backbone(backbone: str, input_shapes: dict[str, list[int]]) -> None:
+    """Raise UserError before training if `backbone` cannot encode one of the modalities."""
+    for m, shape in input_shapes.items():
+        if is_feature_input(shape):
+            feature_encoder_name(backbone)
+        elif backbone in FEATURE_ENCODERS:
+            BACKBONES.get(backbone)(m, 0)

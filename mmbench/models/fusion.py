@@ -25,6 +25,7 @@ FUSIONS: Registry[Callable[..., "Fusion"]] = Registry("fusion")
 
 class Fusion(nn.Module, metaclass=ABCMeta):
     estimator = "mean-feature"
+    two_modalities_only = False  # film / gated: one modality conditions the other
 
     def __init__(self, dims: dict[str, int], num_classes: int) -> None:
         super().__init__()
@@ -132,6 +133,8 @@ def _two(dims: dict[str, int], name: str) -> tuple[str, str]:
 class FiLMFusion(Fusion):
     """FiLM (OGM-GE `x_film`): the first modality produces gamma, beta that modulate the second."""
 
+    two_modalities_only = True
+
     def __init__(self, dims: dict[str, int], num_classes: int) -> None:
         super().__init__(dims, num_classes)
         self.cond, self.target = _two(dims, "film")
@@ -147,6 +150,8 @@ class FiLMFusion(Fusion):
 class GatedFusion(Fusion):
     """Gated (OGM-GE `x_gate`): fc_out(sigmoid(fc_x(first)) * fc_y(second))."""
 
+    two_modalities_only = True
+
     def __init__(self, dims: dict[str, int], num_classes: int, hidden: int | None = None) -> None:
         super().__init__(dims, num_classes)
         self.gate_mod, self.value_mod = _two(dims, "gated")
@@ -157,6 +162,14 @@ class GatedFusion(Fusion):
 
     def forward(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.fc_out(torch.sigmoid(self.fc_x(feats[self.gate_mod])) * self.fc_y(feats[self.value_mod]))
+
+
+def check_fusion(name: str, modalities: list[str]) -> None:
+    """Raise UserError before training if fusion `name` cannot combine these modalities."""
+    cls = FUSIONS.get(name)
+    if getattr(cls, "two_modalities_only", False) and len(modalities) != 2:
+        raise UserError(f"fusion '{name}' needs exactly two modalities, the dataset gives {len(modalities)} "
+                        f"({', '.join(modalities)}); set model.fusion to concat or sum")
 
 
 def build_fusion(name: str, dims: dict[str, int], num_classes: int) -> Fusion:

@@ -124,6 +124,7 @@ class Row:
     epoch_seconds: float | None = None  # mean training wall time per epoch
     rel_cost: float | None = None  # epoch_seconds / the reference row's
     is_baseline: bool = False
+    unverified: int = 0  # runs trained on a store prepared with --no-verify whose files differ from the canonical ones
 
 
 @dataclass
@@ -206,6 +207,7 @@ def compare(
                 values = {int(s): float(x) for s, x in zip(v["seed"], v["value"])}
                 if values:
                     row.cells[c] = Cell(values, summarize(list(values.values())))
+            row.unverified = sum(1 for e in gdone["env_json"] if unverified_data(e))
             secs = [cost[r] for r in gdone["id"] if r in cost]
             row.epoch_seconds = sum(secs) / len(secs) if secs else None
             rows.append(row)
@@ -227,6 +229,14 @@ def compare(
         known = sorted({r.method for t in tables for r in t.rows} | {r.label for t in tables for r in t.rows})
         raise UserError(f"--baseline {baseline}: no completed runs of it in this report; choose one of: {', '.join(known)}")
     return tables
+
+
+def unverified_data(env_json: str | None) -> bool:
+    """The run recorded that its store holds files that differ from the canonical ones."""
+    try:
+        return (json.loads(env_json or "{}").get("data") or {}).get("verified") is False
+    except ValueError:
+        return False
 
 
 def row_order(row: "Row") -> tuple[int, str, str]:

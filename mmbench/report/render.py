@@ -19,6 +19,7 @@ from mmbench.report.aggregate import ComparisonTable, Row, decimals, is_percent,
 from mmbench.report.stats import T_MARK, W_MARK, Summary, best
 
 FORMATS = ("table", "markdown", "csv", "latex", "html")
+UNVERIFIED_MARK = "(unverified data)"  # after a method: some of its runs trained on data prepared with --no-verify
 
 
 def title(t: ComparisonTable) -> str:
@@ -41,6 +42,9 @@ def legend(t: ComparisonTable, interval: str = "std", with_n: bool = True) -> st
                      f"{W_MARK} Wilcoxon signed-rank p < 0.05")
     if t.has_cost:
         parts.append(f"cost: training time per epoch relative to {t.cost_reference}")
+    if any(r.unverified for r in t.rows):
+        parts.append(f"{UNVERIFIED_MARK}: trained on data prepared with --no-verify whose files differ from the "
+                     "canonical ones (not comparable to published numbers)")
     return "; ".join(parts)
 
 
@@ -87,10 +91,80 @@ def cost_text(row: Row) -> str:
 
 
 def _label(row: Row) -> str:
-    return row.method + (" (baseline)" if row.is_baseline else "")
+    return row.method + (" (baseline)" if row.is_baseline else "") + (f" {UNVERIFIED_MARK}" if row.unverified else "")
 
 
-def to_rich(t: ComparisonTable, interval: str = "std") -> Table:
+LOW_VALUE = ("macro_f1",)  # dropped first when a default table does not fit the terminal
+
+
+def natural_width(t: ComparisonTable, interval: str = "std") -> int:
+    """Characters the full one-line-per-row table needs (cells, padding and borders)."""
+    cols = [max([6] + [len(_label(r)) for r in t.rows]), max([7] + [len(r.setting) for r in t.rows]),
+            max(len(n_text(r)) for r in t.rows)]
+    for c in t.columns:
+        parts = [cell_parts(r, c, interval) for r in t.rows]
+        cols.append(max([len(header(c))] + [len(m) + (len(d) + 1 if d else 0) for m, d in parts]))
+    if t.has_cost:
+        cols.append(5)
+    return sum(cols) + 3 * len(cols) + 1
+
+
+def _short_header(metric: str) -> str:
+    """A header that folds onto short lines: `acc/visual (%)` -> `acc/visual` over `%`."""
+    name = metric.replace("imbalance_ratio", "imbalance\nratio").replace("macro_f1", "macro\nF1")
+    return name + ("\n%" if is_percent(metric) else "")
+
+
+def to_rich(t: ComparisonTable, interval: str = "std", width: int | None = None, droppable: bool = False) -> Table:
+    """The terminal table. Given the terminal `width`, a table that does not fit on one line per row
+    is made compact: method and setting share a column (setting on the next line), each value's
+    spread and difference to the baseline go below it, headers fold, and, if `droppable` (the
+    default metrics, not ones the user asked for), low-value columns go, said in the caption."""
+    if width is None or natural_width(t, interval) <= width:
+        return _rich_wide(t, interval)
+    return _rich_compact(t, interval, width, droppable)
+
+
+def _rich_compact(t: ComparisonTable, interval: str, width: int, droppable: bool) -> Table:
+    cols = list(t.columns)
+
+    def need(cs: list[str]) -> int:
+        label = max([6] + [len(_label(r)) for r in t.rows] + [len(r.setting) for r in t.rows])
+        cells = [max(max(len(w) for w in _short_header(c).split("\n")), 8) for c in cs]
+        return label + 2 + sum(cells) + (5 if t.has_cost else 0) + 3 * (len(cells) + 2 + t.has_cost) + 1
+
+    dropped = []
+    while droppable and need(cols) > width:
+        low = [c for c in cols if c.split("/")[0] in LOW_VALUE]
+        if not low:
+            break
+        cols.remove(low[-1])
+        dropped.append(low[-1])
+    caption = legend(t, interval)
+    if dropped:
+        caption += f"; not shown at this width: {', '.join(dropped)} (a wider terminal, or --format markdown, shows all)"
+    tab = Table(title=escape(title(t)), title_justify="left", caption=escape(caption), caption_justify="left")
+    longest = max([6] + [len(_label(r)) for r in t.rows] + [len(p) for r in t.rows for p in r.setting.split(", ")])
+    tab.add_column("method", overflow="fold", min_width=min(longest, 20))
+    tab.add_column("n", justify="right")
+    for c in cols:
+        tab.add_column(_short_header(c), justify="right", overflow="fold")
+    if t.has_cost:
+        tab.add_column("cost", justify="right")
+    bests = {c: best_rows(t, c) for c in cols}
+    for i, row in enumerate(t.rows):
+        cells = []
+        for c in cols:
+            main, diff = cell_parts(row, c, interval)
+            value, _, sp = main.partition(" ± ")
+            text = f"[bold green]{value}[/bold green]" if i in bests[c] else value
+            cells.append(text + (f"\n±{sp}" if sp else "") + (f"\n{diff}" if diff else ""))
+        label = f"[bold]{escape(_label(row))}[/bold]" + (f"\n[dim]{escape(row.setting.replace(', ', chr(10)))}[/dim]" if row.setting else "")
+        tab.add_row(label, n_text(row), *cells, *([cost_text(row)] if t.has_cost else []))
+    return tab
+
+
+def _rich_wide(t: ComparisonTable, interval: str = "std") -> Table:
     # rich reads cell text as markup: labels and settings are user text (method parameters), escaped
     tab = Table(title=escape(title(t)), title_justify="left", caption=escape(legend(t, interval)), caption_justify="left")
     tab.add_column("method", style="bold")
@@ -135,7 +209,7 @@ def to_csv(tables: list[ComparisonTable]) -> str:
     columns keep their original order, so scripts reading them by position still work."""
     buf = io.StringIO()
     buf.write("dataset,protocol,selection,method,setting,metric,mean,std,n,split,label,ci95_low,ci95_high,"
-              "baseline,diff,p_ttest,p_wilcoxon,best,epoch_seconds,rel_cost\n")
+              "baseline,diff,p_ttest,p_wilcoxon,best,epoch_seconds,rel_cost,unverified_runs\n")
 
     def q(s: str) -> str:
         return '"' + s.replace('"', '""') + '"'
@@ -153,7 +227,7 @@ def to_csv(tables: list[ComparisonTable]) -> str:
                     _g(s.mean), _g(s.std), str(s.n), t.split, q(row.label), _g(s.ci_low), _g(s.ci_high),
                     q(t.baseline or ""), _g(p.diff if p else None), _g(p.p_ttest if p else None),
                     _g(p.p_wilcoxon if p else None), "1" if i in bests[c] else "0", _g(row.epoch_seconds),
-                    _g(row.rel_cost),
+                    _g(row.rel_cost), str(row.unverified),
                 ]) + "\n")
     return buf.getvalue()
 

@@ -46,7 +46,11 @@ def short_path(p: str | None) -> str:
     return os.path.join(".", str(rel))
 
 
-def runs_table(runs: list[Run], title: str, error_width: int = 60) -> Table:
+def runs_table(runs: list[Run], title: str, error_width: int = 60, width: int | None = None) -> Table:
+    """All columns on a wide terminal; below 120 columns the run directory, wall time and (when all
+    runs share it) the dataset go (said in the caption), the label folds, and errors get the rest."""
+    if width is not None and width < 120:
+        return _narrow_table(runs, title, width)
     tab = Table(title=title, title_justify="left")
     for c, kw in (("run id", {"no_wrap": True}), ("run", {}), ("dataset/protocol", {}), ("seed", {"justify": "right"}),
                   ("status", {}), ("epochs", {"justify": "right"}), ("wall s", {"justify": "right"}), ("error", {}),
@@ -61,4 +65,40 @@ def runs_table(runs: list[Run], title: str, error_width: int = 60) -> Table:
                     str(r.seed), f"[{style}]{r.status}[/{style}]" if style else escape(r.status), progress(r),
                     "" if r.wall_seconds is None else f"{r.wall_seconds:.0f}", escape(mask_credentials(err)),
                     escape(short_path(r.run_dir)))
+    return tab
+
+
+def _short(r: Run) -> str:
+    """The method with only its non-default parameters (the seed has its own column)."""
+    import json
+
+    from mmbench.config import short_label
+
+    try:
+        return short_label(json.loads(r.config_json)).rsplit(" ", 1)[0]
+    except (ValueError, KeyError, TypeError):
+        return r.label or r.method
+
+
+def _narrow_table(runs: list[Run], title: str, width: int) -> Table:
+    datasets = {f"{r.dataset}/{r.protocol}" for r in runs}
+    one = len(datasets) == 1
+    caption = "run dirs: `mmbench runs` on a wider terminal (>= 120 columns)"
+    tab = Table(title=title + (f" on {next(iter(datasets))}" if one else ""), title_justify="left",
+                caption=caption, caption_justify="left")
+    tab.add_column("run id", no_wrap=True)
+    tab.add_column("run", overflow="fold", min_width=16)
+    if not one:
+        tab.add_column("data", overflow="fold")
+    tab.add_column("seed", justify="right")
+    tab.add_column("status", no_wrap=True)
+    tab.add_column("epochs", justify="right", no_wrap=True)
+    tab.add_column("error", overflow="fold", ratio=1)
+    for r in runs:
+        err = (r.error or "").splitlines()[0] if r.error else ""
+        err = err if len(err) <= 120 else err[:119] + "…"
+        style = STYLE.get(r.status, "")
+        row = [r.id, escape(_short(r))] + ([] if one else [f"{r.dataset}/{r.protocol}"])
+        row += [str(r.seed), f"[{style}]{r.status}[/{style}]" if style else r.status, progress(r), escape(err)]
+        tab.add_row(*row)
     return tab

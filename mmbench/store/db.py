@@ -77,11 +77,23 @@ def now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def _check_sqlite_path(url: str, create: bool) -> None:
+def _check_sqlite_path(url: str, create: bool, make_dirs: bool = False) -> None:
     path = Path(url[len("sqlite:///"):])
     if str(path) in ("", ":memory:"):
         return
     parent = path.expanduser().resolve().parent
+    if not parent.is_dir() and create:
+        # a new results file in a new folder: create the folder (a check alone only looks for the
+        # nearest existing folder being writable, so a dry-run still writes nothing)
+        base = next((p for p in parent.parents if p.exists()), None)
+        if base is None or not base.is_dir() or not os.access(base, os.W_OK) or parent.exists():
+            raise UserError(f"database {url}: folder {parent} cannot be created; pass another --db")
+        if not make_dirs:
+            return
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"database {url}: folder {parent} cannot be created ({e.strerror}); pass another --db") from None
     if not parent.is_dir():
         raise UserError(f"database {url}: folder {parent} does not exist; create it or pass another --db")
     if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
@@ -127,7 +139,7 @@ def get_engine(url: str | None = None, create: bool = True) -> Engine:
     if url in _ENGINES:
         return _ENGINES[url]
     if url.startswith("sqlite:///"):
-        _check_sqlite_path(url, create)
+        _check_sqlite_path(url, create, make_dirs=create)
         engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
 
         @event.listens_for(engine, "connect")

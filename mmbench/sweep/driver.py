@@ -12,17 +12,20 @@ job) are waited for, everything else is (re)started and resumes from its last ch
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from rich.console import Console
+from rich.markup import escape
+from rich.table import Column
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from mmbench.config import describe_run
+from mmbench.config import describe_run, short_label
 from mmbench.data.store import atomic_write_json
 from mmbench.engine.run import ingest_run_dir, load_summary
 from mmbench.redact import plain
@@ -43,6 +46,7 @@ class DriveResult:
     in_flight: list[str] = field(default_factory=list)  # still queued or training (--no-wait)
     waiting: list[str] = field(default_factory=list)  # not submitted: dependencies unfinished (--no-wait)
     db_errors: dict[str, str] = field(default_factory=dict)  # finished, but not (yet) in the database
+    by_other: list[str] = field(default_factory=list)  # finished while we waited, trained by another process
 
 
 @dataclass
@@ -67,6 +71,7 @@ class Driver:
         self._rows: dict[str, TaskID] = {}
         self.prog: Progress | None = None
         self.overall: TaskID | None = None
+        self.token = f"{os.getpid()}-{time.time_ns()}"  # in the status.json of each run this driver trains
 
     # ----- helpers ------------------------------------------------------------------------------
     def rdir(self, rid: str) -> Path:
@@ -74,6 +79,10 @@ class Driver:
 
     def label(self, rid: str) -> str:
         return plain(describe_run(self.runs[rid].cfg))  # printed as rich markup: user text escaped
+
+    def short(self, rid: str) -> str:
+        """What a progress row or a `done` line shows: fits an 80-column terminal."""
+        return short_label(self.runs[rid].cfg)
 
     def print(self, msg: str) -> None:
         (self.prog.console if self.prog else self.console).print(msg, highlight=False)
@@ -100,8 +109,14 @@ class Driver:
 
     # ----- the loop ---------------------------------------------------------------------------
     def run(self) -> DriveResult:
-        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      TextColumn("{task.fields[info]}"), console=self.console, transient=False) as prog:
+        # the label column is capped and the bar shrinks, so a long method label never pushes the bar
+        # off an 80-column line; per-run info (step, val acc) comes last and is cut first
+        with Progress(TextColumn("[bold]{task.description}", table_column=Column(max_width=32, no_wrap=True,
+                                                                                 overflow="ellipsis")),
+                      BarColumn(bar_width=None, table_column=Column(min_width=8, max_width=30)), MofNCompleteColumn(),
+                      TimeElapsedColumn(),
+                      TextColumn("{task.fields[info]}", table_column=Column(no_wrap=True, overflow="ellipsis")),
+                      console=self.console, transient=False, expand=False) as prog:
             self.prog = prog
             self.overall = prog.add_task("runs", total=len(self.order), info="")
             if hasattr(self.launcher, "on_event"):
@@ -220,7 +235,7 @@ class Driver:
             atomic_write_json(rdir / "config.json", r.cfg)
         d = self.defaults
         return Task(rid=rid, run_dir=str(rdir), cfg=r.cfg, device=d.device, data_dir=d.data_dir, workers=d.workers,
-                    deps={m: str(self.rdir(did)) for m, did in r.deps.items()})
+                    deps={m: str(self.rdir(did)) for m, did in r.deps.items()}, driver=self.token)
 
     # ----- progress -------------------------------------------------------------------------
     def _mark_running(self, rid: str, st: dict[str, Any] | None = None) -> None:
@@ -232,7 +247,7 @@ class Driver:
                  run_dir=str(self.rdir(rid)), **({"device": st["device"]} if st.get("device") else {}))
         if self.prog is not None and len(self._rows) < MAX_ROWS:
             total = int(self.runs[rid].cfg["train"]["epochs"])
-            self._rows[rid] = self.prog.add_task(self.label(rid), total=total, info="")
+            self._rows[rid] = self.prog.add_task(escape(self.short(rid)), total=total, info="")
 
     def _show(self, rid: str, st: dict[str, Any]) -> None:
         if st.get("status") != "running":
@@ -244,7 +259,8 @@ class Driver:
             self._db(rid, db.set_status, self.engine, rid, "running", epochs_done=done)
         row = self._rows.get(rid)
         if row is not None and self.prog is not None:
-            info = " ".join(f"{k}={st[k]:.3f}" for k in ("val_acc", "imbalance_ratio") if st.get(k) is not None)
+            info = " ".join(f"{name} {st[k]:.3f}" for k, name in (("val_acc", "val acc"), ("imbalance_ratio", "imb"))
+                            if st.get(k) is not None)
             if st.get("step") and st.get("steps"):
                 info = f"step {st['step']}/{st['steps']} " + info
             self.prog.update(row, completed=done, total=st.get("epochs_total") or None, info=info)
@@ -287,11 +303,13 @@ class Driver:
         self._drop_row(rid)
         if s.get("status") == "completed":
             self.state[rid] = "completed"
-            self.result.completed.append(rid)
+            other = rundir.read_status(rdir).get("trained_by") != self.token
+            (self.result.by_other if other else self.result.completed).append(rid)
             sel = s.get("selection", "best-val")
             acc = (s.get("finals", {}).get(sel, {}).get("test", {}) or {}).get("acc")
-            extra = f" test acc {100 * acc:.2f} % ({sel})" if acc is not None else ""
-            self.print(f"[green]done[/green] {self.label(rid)} [dim]{rid}[/dim]{extra}")
+            extra = (f" test acc {100 * acc:.2f} %" + ("" if sel == "best-val" else f" ({sel})")) if acc is not None else ""
+            who = " (trained by another process)" if other else ""
+            self.print(f"[green]done[/green] {escape(self.short(rid))} [dim]{rid}[/dim]{extra}{who}")
             self._advance()
         else:
             self._failed(rid, str(s.get("error") or "failed"), recorded=True)

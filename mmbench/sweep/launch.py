@@ -51,6 +51,7 @@ class SweepOptions:
     max_runs: int | None = None  # train at most this many requested runs, with their dependencies (`train`: 1)
     launcher: dict[str, Any] = field(default_factory=dict)  # command-line launcher options, over the recipe's
     wait: bool = True  # False: submit what can go now and return (submitit launchers)
+    force: bool = False  # re-train the requested runs from scratch; their database rows are replaced when they end
 
 
 @dataclass
@@ -64,6 +65,7 @@ class SweepOutcome:
     in_flight: int = 0  # still queued or training (after --no-wait)
     waiting: int = 0  # not submitted yet: their dependencies have not finished (after --no-wait)
     db_errors: list[tuple[str, str]] = field(default_factory=list)  # (run id, error): results only in run dirs
+    by_other: int = 0  # finished during this sweep, but trained by another process (e.g. an identical sweep)
 
 
 def ensure_data(runs: list[PlannedRun], data_dir: str | None, console: Console | None) -> None:
@@ -91,17 +93,51 @@ def check_stores(runs: list[PlannedRun], data_dir: str | None) -> None:
             check_store(ds, proto, data_dir)
 
 
-def check_methods(runs: list[PlannedRun], data_dir: str | None) -> None:
+def check_methods(runs: list[PlannedRun], data_dir: str | None, dry_run: bool = False) -> None:
+    """Each method against its model and data. A dry-run does not prepare data: where a store is not
+    there yet it checks against the dataset's declared modalities (shapes are not needed to check)."""
+    from mmbench.data.base import DATASETS
+
     for r in runs:
         c = r.cfg
-        meta = load_meta(c["dataset"]["name"], c["dataset"]["protocol"], data_dir)
-        spec = ModelSpec(c["model"]["backbone"], c["model"]["fusion"], {m: list(s.shape) for m, s in meta.modalities.items()},
-                         len(meta.classes), c["model"]["init"])
+        ds, proto = c["dataset"]["name"], c["dataset"]["protocol"]
+        if dry_run and not is_prepared(ds, proto, data_dir):
+            shapes: dict[str, list[int]] = {m: [] for m in DATASETS.get(ds).modalities}
+            n_classes = 0
+        else:
+            meta = load_meta(ds, proto, data_dir)
+            shapes, n_classes = {m: list(s.shape) for m, s in meta.modalities.items()}, len(meta.classes)
+        spec = ModelSpec(c["model"]["backbone"], c["model"]["fusion"], shapes, n_classes, c["model"]["init"])
         cls = METHODS.get(c["method"]["name"])
         hp = cls.HParams.model_validate({k: v for k, v in c["method"].items() if k != "name"})
         cls.check(spec, hp)
         t = c["train"]
         cls.check_train(TrainSpec(t["epochs"], t["optimizer"], t["scheduler"], t["precision"]), hp)
+
+
+def discard_for_rerun(runs: list[PlannedRun], runs_dir: Path) -> list[str]:
+    """`--force`: move each run's directory out of the way (one rename, so an interrupted --force never
+    leaves half a run under its id) and delete it; the run then trains from scratch and its database
+    rows are replaced in one transaction when it ends (until then the old results stay readable).
+    A run another process is training is refused, before anything is moved."""
+    busy = [r.id for r in runs if rundir.lock_held(runs_dir / r.id)]
+    if busy:
+        raise UserError(f"--force: run(s) {', '.join(busy)} are being trained by another process right now; "
+                        "wait for it (or stop it), then re-run with --force")
+    import shutil
+    import time
+
+    moved = []
+    for r in runs:
+        rdir = runs_dir / r.id
+        if not rdir.exists():
+            continue
+        trash = runs_dir / "_replaced" / f"{r.id}.{time.time_ns()}"
+        trash.parent.mkdir(parents=True, exist_ok=True)
+        rdir.rename(trash)
+        shutil.rmtree(trash, ignore_errors=True)
+        moved.append(r.id)
+    return moved
 
 
 def resolve_launcher(recipe_cfg: LauncherCfg, overrides: dict[str, Any], where: str) -> LauncherCfg:
@@ -118,6 +154,22 @@ def resolve_launcher(recipe_cfg: LauncherCfg, overrides: dict[str, Any], where: 
             loc = "launcher." + ".".join(str(x) for x in err["loc"])
             lines.append(f"  - {loc}: {err['msg']}; got {err.get('input')!r}")
         raise UserError("\n".join(lines)) from None
+
+
+def check_launcher(cfg: LauncherCfg, opts: SweepOptions) -> None:
+    """What build_launcher checks, without starting anything (for --dry-run)."""
+    if cfg.name == "local":
+        from mmbench.sweep.local import slot_devices
+
+        if not opts.wait:
+            raise UserError("--no-wait needs a launcher whose jobs outlive this command: --launcher slurm or local-submitit")
+        slot_devices(cfg, "auto" if cfg.gpus else str(pick_device(opts.device)))
+        return
+    from mmbench.sweep.slurm import check
+
+    if cfg.gpus:
+        raise UserError(f"--gpus places local runs; with --launcher {cfg.name} use --gpus-per-job instead")
+    check(cfg)
 
 
 def build_launcher(cfg: LauncherCfg, opts: SweepOptions, runs_dir: Path, sweep_name: str) -> Launcher:
@@ -150,12 +202,21 @@ def run_sweep(opts: SweepOptions, console: Console | None = None,
     lcfg = resolve_launcher(recipe.launcher, opts.launcher, str(opts.recipe))
     runs = plan(recipe, str(opts.recipe), opts.data_dir)
     outcome = SweepOutcome(runs, sweep_name=recipe.name, launcher=lcfg.name)
+    runs_dir = Path(opts.runs_dir or default_runs_dir()).resolve()
+    if opts.dry_run:  # every check a real run makes before training, writing nothing
+        check_launcher(lcfg, opts)
+        db.check_url(opts.db_url)
+        check_stores(runs, opts.data_dir)
+        check_methods(runs, opts.data_dir, dry_run=True)
+        if on_plan:
+            on_plan(runs)
+        for ds, proto in sorted({(r.cfg["dataset"]["name"], r.cfg["dataset"]["protocol"]) for r in runs}):
+            if ds != "synthetic" and not is_prepared(ds, proto, opts.data_dir):  # synthetic is generated on the fly
+                console.print(f"[yellow]{ds}/{proto} is not prepared yet[/yellow]: the sweep needs "
+                              f"`mmbench prepare {ds} --protocol {proto}` first", highlight=False)
+        return outcome
     if on_plan:
         on_plan(runs)
-    if opts.dry_run:
-        check_stores(runs, opts.data_dir)
-        return outcome
-    runs_dir = Path(opts.runs_dir or default_runs_dir()).resolve()
     launcher = build_launcher(lcfg, opts, runs_dir, recipe.name)
     db.check_url(opts.db_url)  # before data is prepared: bad input writes nothing
     ensure_data(runs, opts.data_dir, console)
@@ -183,10 +244,16 @@ def run_sweep(opts: SweepOptions, console: Console | None = None,
     todo = runs
     if opts.max_runs is not None:
         todo = with_dependencies(runs, [r for r in runs if r.requested][: opts.max_runs])
+    if opts.force:
+        chosen = [r for r in todo if r.requested]
+        n = len(discard_for_rerun(chosen, runs_dir))
+        console.print(f"[dim]--force: re-training {len(chosen)} run(s) from scratch ({n} had results; their database "
+                      "rows are replaced when each ends)[/dim]")
     defaults = TaskDefaults(device=opts.device or "auto", data_dir=opts.data_dir, workers=opts.workers)
     res = Driver(todo, launcher, engine, sid, runs_dir, defaults, console, wait=opts.wait).run()
     by_id = {r.id: r for r in runs}
     outcome.completed, outcome.skipped = len(res.completed), len(res.skipped)
+    outcome.by_other = len(res.by_other)
     outcome.failed = [(describe_run(by_id[rid].cfg), err) for rid, err in res.failed.items()]
     outcome.in_flight, outcome.waiting = len(res.in_flight), len(res.waiting)
     outcome.db_errors = list(res.db_errors.items())

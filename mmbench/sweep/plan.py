@@ -23,7 +23,7 @@ class PlannedRun:
 def dataset_modalities(name: str, protocol: str, data_dir: str | None) -> list[str]:
     if is_prepared(name, protocol, data_dir):
         return list(load_meta(name, protocol, data_dir).modalities)
-    return list(DATASETS.get(name).modalities)
+    return list(DATASETS.get(name).modalities_of(protocol))
 
 
 def unimodal_reference(cfg: dict[str, Any], modality: str) -> dict[str, Any]:
@@ -60,6 +60,6 @@ def sweep_id(name: str, recipe_path: Path, overrides: list[str] | None) -> tuple
     """(sweep id, recipe sha256): one sweep row per name + recipe content + overrides. Launcher
     overrides are left out: where the runs train does not make it another sweep."""
     sha = hashlib.sha256(Path(recipe_path).read_bytes()).hexdigest()
-    kept = sorted(o for o in overrides or [] if not o.strip().startswith("launcher."))
+    kept = sorted(o for o in overrides or [] if not o.strip().startswith(("launcher.", "train.threads=")))
     sid = hashlib.sha256(canonical_json([name, sha, kept]).encode()).hexdigest()[:12]
     return sid, sha

@@ -31,6 +31,7 @@ class Task:
     workers: int | None = None
     deps: dict[str, str] = field(default_factory=dict)  # modality -> run dir of its unimodal reference
     threads: int | None = None  # torch intra-op threads (None: torch's default, or SLURM's cpus)
+    driver: str | None = None  # the token of the driver that started it, left in status.json when it trains it
 
     def save(self) -> None:
         from mmbench.data.store import atomic_write_json
@@ -84,7 +85,7 @@ def train_task(task: Task, on_event: Callable[[dict[str, Any]], None] | None = N
             return "completed"  # finished by an earlier process; only ingesting is left
         if done is not None:
             (rdir / "summary.json").unlink()  # failed before: retry, from its last checkpoint
-        set_threads(task.threads)
+        set_threads(task.cfg.get("train", {}).get("threads") or task.threads)  # train.threads / --threads win
         missing = _deps_missing(task)
         if missing:
             rundir.write_failed_summary(rdir, task.rid, missing)
@@ -116,7 +117,7 @@ def train_task(task: Task, on_event: Callable[[dict[str, Any]], None] | None = N
         except UserError as e:  # e.g. the data is not prepared on this node: the run's record says so
             rundir.write_failed_summary(rdir, task.rid, str(e))
             return "failed"
-        rundir.write_status(rdir, status=summary["status"])
+        rundir.write_status(rdir, status=summary["status"], trained_by=task.driver)
         return str(summary["status"])
     finally:
         lock.release()

@@ -129,6 +129,9 @@ class AVMnist(ManifestBuilder):
             if absent:
                 raise UserError(f"--source {src}: does not hold {'; '.join(absent)} (searched 3 folder levels); "
                                 "leave out --source to download them")
+            assert rec is not None and img_f is not None and lab_f is not None
+            req.used.update({"fsdd recordings/": str(rec.resolve()), img_src.filename: str(img_f.resolve()),
+                             lab_src.filename: str(lab_f.resolve())})
         else:
             archive = fetch_source(man.source("fsdd_archive"), req, self.name)
             rec = find_recordings(safe_extract(archive, raw_dir(req, self.name) / "fsdd"))
