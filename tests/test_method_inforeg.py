@@ -250,3 +250,31 @@ def test_per_loss_backward_matches_summed():
         assert m.describe_run()["backward_passes"] == (1 if mode == "summed" else 3)
     for n, g in grads["summed"].items():
         torch.testing.assert_close(grads["per-loss"][n], g, rtol=1e-4, atol=1e-6)
+
+
+def test_synthetic_three_end_to_end(mm_env: Path, cli) -> None:
+    """Three modalities (audio, visual, 1-D text) through the CLI: per-modality metrics and betas for all."""
+    r = mm_env / "r3.yaml"
+    r.write_text(THREE.format(method="{name: inforeg, beta: [0.95, 0.1, 0.1]}"))
+    code, out = cli("sweep", r)
+    assert code == 0, out
+    with sqlite3.connect(mm_env / "results.db") as c:
+        (status,) = c.execute("select status from run").fetchone()
+        finals = {n for (n,) in c.execute("select name from final_metric where split='test' and selection='best-val'")}
+        logged = {n for (n,) in c.execute("select distinct name from epoch_metric where name like 'method/%'")}
+    assert status == "completed"
+    assert {"acc/audio", "acc/visual", "acc/text"} <= finals
+    assert {f"method/{k}_{m}" for k in ("beta", "score", "loss") for m in ("audio", "visual", "text")} <= logged
+
+
+THREE = """
+name: three
+dataset: {{name: synthetic, protocol: three}}
+model: {{backbone: tiny, fusion: concat}}
+train:
+  epochs: 2
+  batch_size: 32
+  optimizer: {{name: sgd, lr: 0.01, momentum: 0.9, weight_decay: 1.0e-4}}
+methods: [{method}]
+seeds: [0]
+"""

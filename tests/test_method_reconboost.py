@@ -225,3 +225,19 @@ def test_end_to_end_two_epochs(mm_env: Path, cli) -> None:
     assert got[(0, "method/phase")] == 1 and got[(1, "method/phase")] == 2
     assert got[(0, "method/members")] == 0 and got[(1, "method/members")] == 1
     assert (1, "method/boost_rate") in got
+
+
+def test_synthetic_three_end_to_end(mm_env: Path, cli) -> None:
+    """Three modalities (audio, visual, 1-D text), one stage each, through the CLI."""
+    (mm_env / "r3.yaml").write_text(RECIPE.replace("protocol: tiny", "protocol: three").replace("epochs: 2", "epochs: 6"))
+    code, out = cli("sweep", mm_env / "r3.yaml")
+    assert code == 0, out
+    with sqlite3.connect(mm_env / "results.db") as c:
+        (status,) = c.execute("select status from run").fetchone()
+        finals = {n for (n,) in c.execute("select name from final_metric where split='test' and selection='best-val'")}
+        rows = c.execute("select epoch, name, value from epoch_metric where name like 'method/%'").fetchall()
+    assert status == "completed"
+    assert {"acc/audio", "acc/visual", "acc/text"} <= finals
+    got = {(e, n): v for e, n, v in rows}
+    assert [got[(e, "method/members")] for e in range(6)] == [0, 1, 1, 2, 2, 3]
+    assert {(2 * s, f"method/train_{m}") for s, m in enumerate(("audio", "visual", "text"))} <= set(got)
