@@ -241,3 +241,14 @@ def test_synthetic_three_end_to_end(mm_env: Path, cli) -> None:
     got = {(e, n): v for e, n, v in rows}
     assert [got[(e, "method/members")] for e in range(6)] == [0, 1, 1, 2, 2, 3]
     assert {(2 * s, f"method/train_{m}") for s, m in enumerate(("audio", "visual", "text"))} <= set(got)
+
+
+@pytest.mark.parametrize("extra", ["", "\n  scheduler: {name: step, step_size: 30}"])
+def test_cli_refuses_concat_or_a_scheduler(mm_env: Path, cli, extra: str) -> None:
+    text = RECIPE.replace("fusion: sum", "fusion: concat") if not extra else RECIPE.replace(
+        "weight_decay: 5.0e-4}", "weight_decay: 5.0e-4}" + extra)
+    (mm_env / "r.yaml").write_text(text)
+    code, out = cli("sweep", mm_env / "r.yaml", "--dry-run")
+    assert code == 2, out
+    assert ("fusion" if not extra else "scheduler") in out
+    assert not (mm_env / "runs").exists() and not (mm_env / "results.db").exists()
