@@ -1,5 +1,5 @@
-"""`inforeg`: InfoReg, information-acquisition regulation (Huang, Wei, Yang & Hu, CVPR 2025;
-METHODS.md §6.8). Source followed: GeWu-Lab/InfoReg_CVPR2025 @ 939b2ed11dcbf4daddb2507157b2cb9f8d0e24d7,
+"""`inforeg`: InfoReg, information-acquisition regulation (Huang, Wei, Yang & Hu, CVPR 2025).
+Source followed: GeWu-Lab/InfoReg_CVPR2025 @ 939b2ed11dcbf4daddb2507157b2cb9f8d0e24d7,
 `main.py::train_epoch` and `main()`, `models/basic_model.py::AVClassifier`.
 
 Early in training ("the prime learning window") the modality that already fits the batch best

@@ -1,4 +1,4 @@
-"""`reconboost`: ReconBoost, alternating boosting with reconcilement (Hua et al., ICML 2024; METHODS.md §6.7).
+"""`reconboost`: ReconBoost, alternating boosting with reconcilement (Hua et al., ICML 2024).
 Source followed: huacong/ReconBoost @ 14ab57ac26e0ad7badb29c4e08ec4ca9d4bb0932, `train.py::main`,
 `models/dynamic_net.py` (DynamicNet, Head), `models/CREMA/basic_model.py`, `schedule.py`, `utils.py`.
 
