@@ -43,9 +43,10 @@ PARAMS: dict[str, dict[str, Any]] = {
     "opm": {"warmup_epochs": 0, "p_exe": 1.0},  # time the drop itself
     "gblending": {"probe_epochs": 1},  # the per-epoch probes are not timed; keep the set-up short
     "arl": {"start": 0},  # epoch 1 is past warm-up: gradients scaled
+    "reconboost": {"epochs_per_stage": 1, "correct_epochs": 1},  # epoch 2: visual's phase 1 against audio; 3: rectification
 }
-EPOCHS: dict[str, list[int]] = {"mie": [0, 1], "arl": [1]}  # epochs to time: one per stage kind
-FUSION: dict[str, str] = {"mla": "shared", "greedy": "mmtm"}  # methods defined on their own head/architecture
+EPOCHS: dict[str, list[int]] = {"mie": [0, 1], "arl": [1], "reconboost": [2, 3]}  # epochs to time: one per stage kind
+FUSION: dict[str, str] = {"mla": "shared", "greedy": "mmtm", "reconboost": "sum"}  # methods on their own head/architecture
 EXTRA: list[tuple[str, str]] = [("joint", "mmtm")]  # (method, fusion): an architecture's own cost, e.g. Greedy's MMTM
 
 
@@ -126,6 +127,8 @@ def run_backbone(backbone: str, shapes: dict[str, list[int]], args: argparse.Nam
                 console.print(f"[yellow]skip {name}[/yellow] on {backbone}: {e}")
                 break
             label = name if len(EPOCHS.get(name, [0])) == 1 else f"{name} s{epoch + 1} {method_stage(method, epoch)}"
+            if hasattr(method, "position"):
+                label = f"{name} {method_stage(method, epoch)}"
             method.on_epoch_start(epoch_ctx(epoch, raw, device))
             cases.append(Case(label, method, epoch, []))
     for name, fusion in EXTRA:
@@ -148,6 +151,10 @@ def run_backbone(backbone: str, shapes: dict[str, list[int]], args: argparse.Nam
 
 
 def method_stage(method: Method, epoch: int) -> str:
+    position = getattr(method, "position", None)
+    if position is not None:  # ReconBoost: (stage, phase, modality)
+        stage, phase, m = position(epoch)
+        return f"{m} phase {phase}"
     active = getattr(method, "active", None)
     if active is None:
         return f"epoch {epoch}"
