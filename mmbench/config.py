@@ -65,6 +65,7 @@ class TrainCfg(Strict):
     selection_metric: Literal["acc", "macro_f1"] = "acc"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     eval_train: bool = True  # evaluate the train split each epoch (per-modality train trajectories)
+    precise_bn: int = Field(0, ge=0)  # >0: re-estimate BN statistics over this many train batches before each evaluation
 
 
 class MetricsCfg(Strict):
