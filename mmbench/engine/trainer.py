@@ -152,7 +152,8 @@ class Trainer:
             aug_gen.manual_seed(seed * 100_003 + epoch)
             method.train()
             start_logs = method.on_epoch_start(ectx) or {}
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.process_time()
+            gpu_events = _cuda_events(self.device)
             sums: dict[str, Any] = {}
             n = 0
             loader = self._loader(splits["train"], True, bs, seed * 100_003 + epoch)
@@ -164,9 +165,12 @@ class Trainer:
                 n += 1
                 if self.progress and (step % 10 == 0 or step == steps - 1):
                     self.progress({"event": "step", "epoch": epoch, "epochs": epochs, "step": step + 1, "steps": steps})
+            if gpu_events is not None:
+                gpu_events[1].record()
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             train_seconds = time.perf_counter() - t0
+            cpu_seconds = time.process_time() - cpu0
             step_logs = {k: float(v) / max(n, 1) for k, v in sums.items()}
             if not all(math.isfinite(v) for k, v in step_logs.items() if k == "loss" or k.startswith("loss")):
                 raise RunFailed(f"non-finite training loss at epoch {epoch} ({step_logs}); lower the learning rate or check the data")
@@ -185,6 +189,9 @@ class Trainer:
                 metrics["val"]["bn_gap"] = batch_stat_accuracy(method, eval_loaders["val"], prepare) - metrics["val"]["acc"]
             train_m = metrics.setdefault("train", {})
             train_m["epoch_seconds"] = train_seconds
+            train_m["epoch_cpu_seconds"] = cpu_seconds  # this process's own CPU time: what load elsewhere does not change
+            if gpu_events is not None:
+                train_m["epoch_gpu_seconds"] = gpu_events[0].elapsed_time(gpu_events[1]) / 1000.0
             train_m["train_loss"] = step_logs.get("loss", float("nan"))
             for k, v in step_logs.items():
                 if k != "loss":
@@ -302,6 +309,15 @@ class Trainer:
             feats = [collect(dep, self._loader(data.split(s, [m]), False, 128, 0), prep).features[m] for s in ("val", "test")]
             out[m] = (feats[0], feats[1])
         return out
+
+
+def _cuda_events(device: torch.device) -> tuple[Any, Any] | None:
+    """A started pair of CUDA events timing an epoch's steps on the device (None on a CPU)."""
+    if device.type != "cuda":
+        return None
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    return start, end
 
 
 def _fused_repr(o: SplitOutputs) -> torch.Tensor:
