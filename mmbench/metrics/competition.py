@@ -15,8 +15,8 @@ the competition. On real AV-MNIST the concept itself, fed as Z (no competition a
 1. Z is standardised per feature with the fit split's statistics (the residual measure is already
    invariant to affine maps of Y_m, through pinv(B_m)); the intercept absorbs the means.
 2. The ridge strength is chosen on held-out data: efficient leave-one-out over a log grid on the
-   fit split (sklearn RidgeCV), so neither a wide nor a small-scale representation is over- or
-   under-regularised by a constant tuned for another encoder.
+   fit split (sklearn RidgeCV, on whitened Y: see `raw_strength`), so neither a wide nor a
+   small-scale representation is over- or under-regularised by a constant tuned for another encoder.
 3. The same computation runs on two references in the same call: the floor (the concept itself as
    the representation: no competition) and the ceiling (independent Gaussian noise of Z's width:
    nothing of the concept). The value is reported on the 0-1 scale between them,
@@ -65,12 +65,28 @@ def _standardise(fit: np.ndarray, ev: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return (fit - mu) / sd, (ev - mu) / sd
 
 
+def _whiten(fit: np.ndarray, ev: np.ndarray, rtol: float = 1e-10) -> tuple[np.ndarray, np.ndarray]:
+    """Y in the coordinates where the fit split's covariance is the identity (directions without
+    variance dropped)."""
+    mu = fit.mean(0)
+    cov = np.atleast_2d(np.cov(fit - mu, rowvar=False))
+    vals, vecs = np.linalg.eigh(cov)
+    keep = vals > rtol * max(float(vals.max(initial=0.0)), 1e-300)
+    w = vecs[:, keep] / np.sqrt(vals[keep])
+    return (fit - mu) @ w, (ev - mu) @ w
+
+
 def raw_strength(z_fit: np.ndarray, y_fit: np.ndarray, z_eval: np.ndarray, y_eval: np.ndarray) -> tuple[float, float]:
-    """(residual score, chosen alpha) with standardised Z and a held-out (leave-one-out) ridge strength."""
+    """(residual score, chosen alpha): standardised Z, whitened Y, one ridge strength chosen by
+    leave-one-out on the fit split. Y is whitened because the score is: its leave-one-out squared
+    error is then the score's own weighting, so the alpha chosen is the one that serves the score
+    (on the raw Y the error is dominated by the high-variance concept dimensions, while the score
+    weighs the low-variance ones as much). The score itself is invariant to this linear map of Y."""
     zf, ze = _standardise(z_fit, z_eval)
+    yf, ye = _whiten(y_fit, y_eval)
     reg = RidgeCV(alphas=ALPHA_GRID, fit_intercept=True)
-    reg.fit(zf, y_fit)
-    return _residual_score(reg.predict(ze), y_eval), float(reg.alpha_)
+    reg.fit(zf, yf)
+    return _residual_score(reg.predict(ze), ye), float(reg.alpha_)
 
 
 @dataclass

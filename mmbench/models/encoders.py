@@ -103,15 +103,16 @@ class TinyTrunk(nn.Module):
 
 
 class SmallTrunk(nn.Module):
-    """Four conv blocks, widths w-2w-4w-4w, 2x2 max-pool after the first three.
+    """Four conv blocks, widths w-2w-4w-4w (8-16-32-32), 2x2 max-pool after the first three.
 
     Why not `tiny` for real audio: its receptive field (~18 input pixels) sees ~0.2 s of a
     spectrogram, so after the global pool a spoken digit is a bag of short sounds; on AV-MNIST
     audio it stayed near 30-45 % while a linear model on the same features reaches 92 %. Four
-    blocks see ~0.5 s (the mean FSDD recording is 0.44 s) at about twice tiny's cost.
+    blocks see ~0.5 s (the mean FSDD recording is 0.44 s); at width 8 they cost about what tiny
+    does (audio-only on AV-MNIST: ~96 % val with batch statistics after 5 epochs, as at width 16).
     """
 
-    def __init__(self, in_channels: int, width: int = 16) -> None:
+    def __init__(self, in_channels: int, width: int = 8) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         cin = in_channels
@@ -140,8 +141,8 @@ def tiny(modality: str, in_channels: int) -> Encoder:
 
 @BACKBONES.register("small")
 def small(modality: str, in_channels: int) -> Encoder:
-    """Four conv blocks (64-d): CPU-sized, wide enough in time to learn spoken digits (AV-MNIST)."""
-    return Encoder(SmallTrunk(in_channels), 64, video=modality_is_video(modality))
+    """Four conv blocks (32-d): CPU-sized, wide enough in time to learn spoken digits (AV-MNIST)."""
+    return Encoder(SmallTrunk(in_channels), 32, video=modality_is_video(modality))
 
 
 VIDEO_MODALITIES = {"visual", "video", "flow", "rgb"}
