@@ -86,3 +86,23 @@ def test_precise_bn_end_to_end_is_recorded_and_gap_logged(tmp_path, cli) -> None
     bad.write_text("name: bad\ndataset: {name: synthetic, protocol: tiny}\ntrain: {precise_bn: -1}\nmethods: [joint]\n")
     code, out = cli("sweep", str(bad), "--dry-run", "--db", f"sqlite:///{tmp_path / 'b.db'}")
     assert code == 2 and "precise_bn" in out
+
+
+def test_precise_bn_changes_evaluation_only_even_for_agm(tmp_path, cli) -> None:
+    """AGM trains through eval-mode forwards, which read the running statistics: re-estimating them
+    for evaluation must not leak into its training (same losses and coefficients with and without)."""
+    import sqlite3
+
+    logs = []
+    for n in (0, 3):
+        rec = tmp_path / f"agm{n}.yaml"
+        rec.write_text("name: a\ndataset: {name: synthetic, protocol: tiny}\n"
+                       f"train: {{epochs: 2, batch_size: 32, precise_bn: {n}, eval_train: false}}\nmethods: [agm]\nseeds: [0]\n")
+        db = tmp_path / f"a{n}.db"
+        code, out = cli("sweep", str(rec), "--db", f"sqlite:///{db}", "--runs-dir", str(tmp_path / f"runs{n}"),
+                        "--data-dir", str(tmp_path / "data"))
+        assert code == 0, out
+        with sqlite3.connect(db) as c:
+            logs.append(c.execute("select epoch, name, value from epoch_metric where split='train' and "
+                                  "(name='train_loss' or name like 'method/%') order by epoch, name").fetchall())
+    assert logs[0] and logs[0] == logs[1]
