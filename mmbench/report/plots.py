@@ -28,6 +28,8 @@ from mmbench.report.render import best_rows, header, title  # noqa: E402
 
 CURVE_METRICS = ("acc", "acc/*", "imbalance_ratio", "competition/*")
 DIAGNOSTICS = "method/"  # per-method figures
+PANEL_NOTES = {"competition": "\n0 = holds the concept, 1 = noise", "competition_official": "\nAGM's formula, ridge alpha 120",
+               "imbalance_ratio": "\nmax/min branch score; 1 = balanced"}
 TRAIN_ONLY = ("method/", "epoch_", "train_loss")  # logged on the train split only
 PLOTS = ("curves", "bar")
 
@@ -71,7 +73,7 @@ def _figure(g: pd.DataFrame, names: list[str], split: str, color: dict, heading:
             ax.plot(x, mean, marker="o" if len(x) < 15 else None, ms=3, color=c,
                     label=f"{_line_label(meth, sett)} (n={piv.shape[1]})")
             ax.fill_between(x, mean - std, mean + std, alpha=0.15, color=c)
-        ax.set_title(f"{header(name)} [{_split_of(name, split)}]", fontsize=10)
+        ax.set_title(f"{header(name)} [{_split_of(name, split)}]{PANEL_NOTES.get(name.split('/')[0], '')}", fontsize=10)
         ax.set_xlabel("epoch", fontsize=8)
         ax.tick_params(labelsize=8)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
