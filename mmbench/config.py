@@ -68,6 +68,7 @@ class TrainCfg(Strict):
     # torch intra-op threads of the run (recorded; not part of the run id: it changes speed, not the
     # experiment). None: the launcher's share (cores / --jobs), or torch's default for one run at a time
     threads: int | None = Field(None, ge=1)
+    precise_bn: int = Field(0, ge=0)  # >0: re-estimate BN statistics over this many train batches before each evaluation
 
 
 class MetricsCfg(Strict):

@@ -187,7 +187,7 @@ def test_avmnist_downloads_archive_and_idx_and_pairs_by_digit(tmp_path, monkeypa
         monkeypatch.setenv("MMBENCH_MANIFESTS", str(override(tmp_path, "avmnist", srcs, split, {"fsdd_recordings.tsv.gz": table})))
         code, out = cli("prepare", "avmnist", "--data-dir", str(data), "--workers", "1")
     assert code == 0, out
-    ds = PreparedDataset("avmnist", "default", data)
+    ds = PreparedDataset("avmnist", "v2", data)  # the default protocol since the padding fix
     assert ds.meta.splits == {"train": 40, "val": 20, "test": 20}
     assert list(ds.meta.modalities) == ["audio", "visual"]
     assert ds.meta.modalities["visual"].shape == [1, 1, 28, 28]

@@ -73,14 +73,61 @@ def test_markdown_with_baseline_markers_best_and_cost(results: Path, cli) -> Non
     ogm = next(line for line in md.splitlines() if line.startswith("| ogm_ge"))
     joint = next(line for line in md.splitlines() if line.startswith("| joint (baseline)"))
     assert "| 5/6 |" in ogm and "| 5/6 |" in joint  # seeds completed / planned
-    assert "**66.80 ± 2.59** (+4.80*)" in ogm  # best acc, +4.80 points, t-test p = .0012, Wilcoxon .0625
+    assert "**66.80 ± 2.59** (+4.80*)" in ogm  # best acc, +4.80 points, t-test p = .0012
     assert "62.00 ± 1.58" in joint and "(+" not in joint
     assert "| 1.50× |" in ogm and "| 1.00× |" in joint  # time per epoch relative to the baseline
-    assert "**1.332 ± 0.026**" in ogm  # imbalance_ratio: lower is better
+    # imbalance_ratio is never "best": lower is not better when both branches collapsed
+    assert "| 1.332 ± 0.026 (-0.048*) |" in ogm
     assert "paired t-test p < 0.05" in md and "relative to joint" in md
+    assert "Wilcoxon not run" in md  # 5 paired seeds: only the t-test can mark
+    # these runs logged only wall time: the header and the legend say so
+    assert "cost (wall)" in md and "follows the machine's load" in md
 
     code, md = cli("report", "--db", f"sqlite:///{results}", "--baseline", "joint", "--format", "markdown", "--ci")
     assert code == 0 and "**66.80 ± 3.21**" in md and "95 % confidence interval" in md  # 2.776 * 2.588 / sqrt 5
+    # the paired difference's bootstrap interval: differences .03 .04 .05 .06 .06 -> inside [+3.00, +6.00]
+    ogm = next(line for line in md.splitlines() if line.startswith("| ogm_ge"))
+    lo, hi = (float(x) for x in ogm.split("(+4.80* [")[1].split("]")[0].split(", "))
+    assert 3.0 <= lo < 4.8 < hi <= 6.0 and "bootstrap 95 % interval" in md
+
+
+def two_seed_results(tmp_path: Path, cpu: bool) -> str:
+    """Joint and AGM on 2 seeds, AGM far better; AGM's seed 0 evaluated with stale BN statistics."""
+    url = f"sqlite:///{tmp_path / 'two.db'}"
+    engine = db.get_engine(url)
+    db.upsert_sweep(engine, Sweep(id="s2", name="two", recipe_path="r.yaml", recipe_sha256="x", created_at=db.now(),
+                                  mmbench_version="0"))
+    for name, accs, secs, gaps in (("joint", (0.50, 0.60), 1.0, (0.0, 0.01)), ("agm", (0.70, 0.801), 3.0, (0.40, 0.02))):
+        for seed, (acc, gap) in enumerate(zip(accs, gaps)):
+            cfg = config({"name": name}, seed)
+            rid = run_id(cfg)
+            db.register_runs(engine, "s2", [run_row(cfg, rid, Path("runs") / rid)])
+            train = {"epoch_seconds": 10 * secs if seed else secs}  # wall time: seed 1 ran under load
+            if cpu:
+                train["epoch_cpu_seconds"] = secs
+            test = {"acc": acc, "imbalance_ratio": 1.0 if name == "agm" else 1.5}
+            history = [{"epoch": 0, "metrics": {"train": train, "test": test, "val": {"acc": acc, "bn_gap": gap}}}]
+            finals = {sel: {"test": test, "val": {"acc": acc, "bn_gap": gap}} for sel in ("best-val", "last", "oracle-test")}
+            db.write_results(engine, rid, history, finals, {"selected_epoch": 0, "epochs_done": 1, "wall_seconds": secs})
+    return url
+
+
+def test_two_seeds_get_no_markers_and_stale_bn_statistics_are_warned(tmp_path: Path, cli) -> None:
+    url = two_seed_results(tmp_path, cpu=True)
+    code, md = cli("report", "--db", url, "--baseline", "joint", "--format", "markdown")
+    assert code == 0, md
+    agm = next(line for line in md.splitlines() if line.startswith("| agm"))
+    assert "(+20.05)" in agm and "20.05*" not in agm and "†" not in agm  # a 1-dof t-test alone would mark this (p = 0.0016)
+    assert "no significance test at n = 2 paired seeds" in md
+    assert "**75.05" in agm and "**" not in agm.split("|")[5]  # acc is bold; imbalance_ratio (1.0) is not
+    # cost on the process's own CPU time: 3x, whatever the wall clock said under load
+    assert "cost (CPU)" in md and "| 3.00× |" in agm and "CPU time per training epoch" in md
+    assert md.count("warning:") == 1 and "agm seed 0" in md and "40.0 points" in md and "precise_bn" in md
+    code, text = cli("report", "--db", url, "--baseline", "joint", "--format", "csv")
+    row = next(r for r in csv.DictReader(io.StringIO(text)) if r["method"] == "agm" and r["metric"] == "acc")
+    assert row["p_ttest"] == "" and row["tests"] == "" and row["cost_basis"] == "CPU time"
+    code, out = cli("report", "--db", url, "--baseline", "joint")
+    assert code == 0 and "warning:" in out and "no significance test" in norm(out)
 
 
 def test_latex_html_and_csv(results: Path, cli, tmp_path: Path) -> None:
@@ -99,7 +146,9 @@ def test_latex_html_and_csv(results: Path, cli, tmp_path: Path) -> None:
     ogm_acc = next(r for r in rows if r["method"] == "ogm_ge" and r["metric"] == "acc")
     assert float(ogm_acc["diff"]) == pytest.approx(0.048)
     assert float(ogm_acc["p_ttest"]) == pytest.approx(0.0011874, rel=1e-3)
-    assert float(ogm_acc["p_wilcoxon"]) == pytest.approx(0.0625)
+    assert ogm_acc["p_wilcoxon"] == "" and ogm_acc["tests"] == "t"  # 5 seeds: Wilcoxon cannot reach 0.05, not run
+    assert 0.03 <= float(ogm_acc["diff_ci95_low"]) < 0.048 < float(ogm_acc["diff_ci95_high"]) <= 0.06
+    assert ogm_acc["cost_basis"] == "wall time"
     assert float(ogm_acc["ci95_low"]) == pytest.approx(0.668 - 0.032139, abs=1e-5)
     assert ogm_acc["best"] == "1" and float(ogm_acc["rel_cost"]) == pytest.approx(1.5)
     assert ogm_acc["label"] == "ogm_ge(alpha=0.8)" and ogm_acc["n"] == "5"
@@ -157,23 +206,31 @@ def test_plots_are_written(results: Path, cli, tmp_path: Path) -> None:
     assert code == 0 and is_png(tmp_path / "b_avmnist_tiny.png") and is_png(tmp_path / "b_synthetic_tiny.png")
 
 
-def test_curves_show_method_diagnostics(results: Path) -> None:
-    """The curves figure has one panel per metric: per-modality accuracy, imbalance, OGM's k."""
+def test_curves_default_figure_and_one_diagnostics_figure_per_method(results: Path, tmp_path: Path) -> None:
+    """By default one figure of what methods are compared on (fused acc first); diagnostics only
+    when asked, one figure per method that has them."""
     import matplotlib.pyplot as plt
 
     from mmbench.report import plots
 
     seen: list[list[str]] = []
-    orig = plots._save
+    orig = plots._save_named
 
     def spy(figs, output):  # record the panel titles before the figures are closed
         seen.extend([ax.get_title() for ax in fig.axes if ax.get_visible()] for fig, _ in figs)
         return orig(figs, output)
 
-    plots._save = spy
+    plots._save_named = spy
+    engine = db.get_engine(f"sqlite:///{results}")
     try:
-        plots.curves(db.get_engine(f"sqlite:///{results}"), results.parent / "c.png")
+        files = plots.curves(engine, tmp_path / "c.png")
+        assert seen == [["acc (%) [test]", "acc/audio (%) [test]", "acc/visual (%) [test]",
+                         "imbalance_ratio [test]\nmax/min branch score; 1 = balanced"]]
+        assert files == [tmp_path / "c.png"] and is_png(files[0])
+        seen.clear()
+        files = plots.curves(engine, tmp_path / "d.png", metrics=["acc", "method/*"])
+        assert seen == [["acc (%) [test]"], ["method/k_audio [train]"]]
+        assert files == [tmp_path / "d.png", tmp_path / "d_ogm_ge.png"]
     finally:
-        plots._save = orig
+        plots._save_named = orig
         plt.close("all")
-    assert seen == [["acc/audio (%) [test]", "acc/visual (%) [test]", "imbalance_ratio [test]", "method/k_audio [train]"]]

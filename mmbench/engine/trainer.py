@@ -19,7 +19,8 @@ from mmbench.data.store import PreparedDataset, collate
 from mmbench.data.transforms import get_transform
 from mmbench.engine import checkpoint as ckpt
 from mmbench.engine.device import rng_state, seed_everything, set_rng_state
-from mmbench.engine.evaluate import SplitOutputs, collect, metrics_of
+from mmbench.engine.evaluate import (SplitOutputs, batch_stat_accuracy, bn_buffers, collect, metrics_of,
+                                     recompute_bn, restore_bn)
 from mmbench.errors import RunFailed, UserError
 from mmbench.methods.base import METHODS, EpochContext, Method, ModelSpec, StepContext, TrainSpec
 
@@ -155,7 +156,8 @@ class Trainer:
             aug_gen.manual_seed(seed * 100_003 + epoch)
             method.train()
             start_logs = method.on_epoch_start(ectx) or {}
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.process_time()
+            gpu_events = _cuda_events(self.device)
             sums: dict[str, Any] = {}
             n = 0
             plan = method.train_plan()
@@ -173,15 +175,19 @@ class Trainer:
                 n += 1
                 if self.progress and (step % 10 == 0 or step == epoch_steps - 1):
                     self.progress({"event": "step", "epoch": epoch, "epochs": epochs, "step": step + 1, "steps": epoch_steps})
+            if gpu_events is not None:
+                gpu_events[1].record()
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             train_seconds = time.perf_counter() - t0
+            cpu_seconds = time.process_time() - cpu0
             step_logs = {k: float(v) / max(n, 1) for k, v in sums.items()}
             if not all(math.isfinite(v) for k, v in step_logs.items() if k == "loss" or k.startswith("loss")):
                 raise RunFailed(f"non-finite training loss at epoch {epoch} ({step_logs}); lower the learning rate or check the data")
             method.scheduler_step(epoch)
             end_logs = method.on_epoch_end(ectx) or {}
 
+            saved_bn = self._precise_bn(method, splits["train"], prepare, bs, seed * 100_003 + epoch + 11)
             outs: dict[str, SplitOutputs] = {}
             metrics: dict[str, dict[str, float]] = {}
             for s, ld in eval_loaders.items():
@@ -189,8 +195,13 @@ class Trainer:
                     continue
                 outs[s] = collect(method, ld, prepare)
                 metrics[s] = metrics_of(outs[s], data.num_classes)
+            if "val" in metrics:  # how far the BN statistics used for evaluation are from the weights'
+                metrics["val"]["bn_gap"] = batch_stat_accuracy(method, eval_loaders["val"], prepare) - metrics["val"]["acc"]
             train_m = metrics.setdefault("train", {})
             train_m["epoch_seconds"] = train_seconds
+            train_m["epoch_cpu_seconds"] = cpu_seconds  # this process's own CPU time: what load elsewhere does not change
+            if gpu_events is not None:
+                train_m["epoch_gpu_seconds"] = gpu_events[0].elapsed_time(gpu_events[1]) / 1000.0
             train_m["train_loss"] = step_logs.get("loss", float("nan"))
             for k, v in step_logs.items():
                 if k != "loss":
@@ -198,15 +209,15 @@ class Trainer:
             for k, v in {**start_logs, **end_logs}.items():
                 train_m[f"method/{k}"] = float(v)
             if concept is not None and "val" in outs and "test" in outs:
-                from mmbench.metrics.competition import competition_strength
+                from mmbench.metrics.competition import competition_metrics
 
                 for m, (cv, ct) in concept.items():
-                    metrics["test"][f"competition/{m}"] = competition_strength(
-                        _fused_repr(outs["val"]), cv, _fused_repr(outs["test"]), ct
-                    )
+                    metrics["test"].update(competition_metrics(_fused_repr(outs["val"]), cv, _fused_repr(outs["test"]), ct, m))
             pe = int(cfg["metrics"]["probe_every"])
             if pe and (epoch + 1) % pe == 0 and "train" in outs:
                 self._probe_into(outs, metrics)
+            if saved_bn is not None:
+                restore_bn(method, saved_bn)  # training continues with its own statistics
             history.append({"epoch": epoch, "metrics": metrics})
 
             improved = self._update_best(best, history[-1], sel_metric)
@@ -243,6 +254,7 @@ class Trainer:
             sel = ckpt.load(self.run_dir / "model_selected.pt", self.device)
             method.load_extra_state(sel["extra"])
             method.load_state_dict(sel["method"])
+            self._precise_bn(method, splits["train"], prepare, bs, seed * 100_003 + primary_epoch + 11)
             outs = {s: collect(method, ld, prepare) for s, ld in eval_loaders.items()}
             probe_metrics: dict[str, dict[str, float]] = {s: {} for s in outs}
             self._probe_into(outs, probe_metrics)
@@ -298,6 +310,16 @@ class Trainer:
                 improved.add(rule)
         return improved
 
+    def _precise_bn(self, method: Method, train: Any, prepare: Callable[..., Any], bs: int, seed: int) -> list[dict[str, torch.Tensor]] | None:
+        """`train.precise_bn` > 0: re-estimate BN statistics for evaluation; returns the training's
+        own to restore afterwards (None when off)."""
+        n = int(self.cfg["train"].get("precise_bn", 0))
+        if n <= 0:
+            return None
+        saved = bn_buffers(method)
+        recompute_bn(method, self._loader(train, True, bs, seed), prepare, n)
+        return saved
+
     def _probe_into(self, outs: dict[str, SplitOutputs], metrics: dict[str, dict[str, float]]) -> None:
         from mmbench.metrics.probe import linear_probe
 
@@ -338,6 +360,15 @@ class Trainer:
             raise UserError(f"method '{self.cfg['method']['name']}' needs the unimodal reference run of "
                             f"{', '.join(missing)}; run it with `mmbench sweep` or `mmbench train`, which schedule them")
         return {m: self._reference(data, self.dependencies[m]) for m in modalities}
+
+
+def _cuda_events(device: torch.device) -> tuple[Any, Any] | None:
+    """A started pair of CUDA events timing an epoch's steps on the device (None on a CPU)."""
+    if device.type != "cuda":
+        return None
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    return start, end
 
 
 def _fused_repr(o: SplitOutputs) -> torch.Tensor:

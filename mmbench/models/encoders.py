@@ -3,7 +3,7 @@
 ResNet18 as every method repo uses it (docs/README.md "Backbones"): BasicBlock [2,2,2,2], widths
 64-128-256-512, no pretraining, no avgpool/fc inside; audio conv1 takes 1 channel, visual frames
 are folded into the batch and pooled over time and space together. `tiny` is a 3-layer CNN with
-the same input/output contract for CPU runs and tests.
+the same input/output contract for CPU runs and tests; `small` a 4-layer one for real data on a CPU.
 
 1-D modalities (pre-extracted features: a vector (D,) or a sequence (L, D), e.g. CMU-MOSEI's
 word/COVAREP/Facet streams or synthetic/three's `text`) are recognised by their input rank (<= 2)
@@ -111,6 +111,31 @@ class TinyTrunk(nn.Module):
         return self.net(x)
 
 
+class SmallTrunk(nn.Module):
+    """Four conv blocks, widths w-2w-4w-4w (8-16-32-32), 2x2 max-pool after the first three.
+
+    Why not `tiny` for real audio: its receptive field (~18 input pixels) sees ~0.2 s of a
+    spectrogram, so after the global pool a spoken digit is a bag of short sounds; on AV-MNIST
+    audio it stayed near 30-45 % while a linear model on the same features reaches 92 %. Four
+    blocks see ~0.5 s (the mean FSDD recording is 0.44 s); at width 8 they cost about what tiny
+    does (audio-only on AV-MNIST: ~96 % val with batch statistics after 5 epochs, as at width 16).
+    """
+
+    def __init__(self, in_channels: int, width: int = 8) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        cin = in_channels
+        for i, cout in enumerate((width, width * 2, width * 4, width * 4)):
+            layers += [nn.Conv2d(cin, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+            if i < 3:
+                layers.append(nn.MaxPool2d(2))
+            cin = cout
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
 @BACKBONES.register("resnet18")
 def resnet18(modality: str, in_channels: int) -> Encoder:
     """ResNet18 from scratch (512-d), as in OGM-GE, AGM, MMPareto, Re-learning and MIE."""
@@ -121,6 +146,12 @@ def resnet18(modality: str, in_channels: int) -> Encoder:
 def tiny(modality: str, in_channels: int) -> Encoder:
     """Three conv blocks (32-d): CPU-sized, for the synthetic data and tests."""
     return Encoder(TinyTrunk(in_channels), 32, video=modality_is_video(modality))
+
+
+@BACKBONES.register("small")
+def small(modality: str, in_channels: int) -> Encoder:
+    """Four conv blocks (32-d): CPU-sized, wide enough in time to learn spoken digits (AV-MNIST)."""
+    return Encoder(SmallTrunk(in_channels), 32, video=modality_is_video(modality))
 
 
 VIDEO_MODALITIES = {"visual", "video", "flow", "rgb"}

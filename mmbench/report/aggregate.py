@@ -22,8 +22,13 @@ from mmbench.errors import UserError
 from mmbench.report.stats import Paired, Summary, paired, summarize
 from mmbench.store.tables import EpochMetric, FinalMetric, Run, Sweep, SweepRun
 
-DEFAULT_METRICS = ("acc", "macro_f1", "acc/*", "imbalance_ratio")
+DEFAULT_METRICS = ("acc", "macro_f1", "acc/*", "imbalance_ratio")  # imbalance beside the branch accuracies
+# The cost column: each run's own time per training epoch, the first basis every row has. CPU and
+# GPU time are the process's own (load from other processes on a shared machine does not inflate
+# them); wall time, which it does, only for runs logged before the others existed.
+COST_BASES = (("epoch_gpu_seconds", "GPU time"), ("epoch_cpu_seconds", "CPU time"), ("epoch_seconds", "wall time"))
 COST_METRIC = "epoch_seconds"
+BN_GAP_WARN = 0.10  # val accuracy with batch BN statistics this far above the reported one: warn
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -121,7 +126,7 @@ class Row:
     n_runs: int
     n_done: int
     cells: dict[str, Cell] = field(default_factory=dict)
-    epoch_seconds: float | None = None  # mean training wall time per epoch
+    epoch_seconds: float | None = None  # mean time per training epoch, on the table's cost_basis
     rel_cost: float | None = None  # epoch_seconds / the reference row's
     is_baseline: bool = False
     unverified: int = 0  # runs trained on a store prepared with --no-verify whose files differ from the canonical ones
@@ -138,6 +143,8 @@ class ComparisonTable:
     partial: bool  # some runs of the table are not finished
     baseline: str | None = None  # what rows are compared to (method or label), if asked
     cost_reference: str | None = None  # the row rel_cost divides by (baseline, else joint)
+    cost_basis: str = "wall time"  # what the cost column measures (COST_BASES)
+    warnings: list[str] = field(default_factory=list)  # about runs behind the numbers (stale BN statistics)
 
     @property
     def has_cost(self) -> bool:
@@ -194,7 +201,7 @@ def compare(
         if not cols:
             continue
         merged = finals.merge(done[["id", "seed"]], left_on="run_id", right_on="id")
-        cost = _epoch_seconds(engine, list(done["id"]))
+        cost, basis = _epoch_cost(engine, list(done["id"]))
         rows: list[Row] = []
         for (meth, sett), g in grp.groupby(["method", "setting"], sort=False):
             gdone = g[g["status"] == "completed"]
@@ -215,7 +222,8 @@ def compare(
             continue
         rows.sort(key=row_order)
         t = ComparisonTable(str(ds), str(proto), selection, split, cols, rows,
-                            partial=bool((grp["status"] != "completed").any()), baseline=baseline)
+                            partial=bool((grp["status"] != "completed").any()), baseline=baseline, cost_basis=basis)
+        t.warnings = _bn_warnings(engine, done, selection)
         _compare_to_baseline(t, baseline)
         _relative_cost(t, baseline)
         tables.append(t)
@@ -246,11 +254,35 @@ def row_order(row: "Row") -> tuple[int, str, str]:
     return rank, row.method, row.setting
 
 
-def _epoch_seconds(engine: Engine, run_ids: list[str]) -> dict[str, float]:
-    """Each run's mean training wall time per epoch (train split's `epoch_seconds`)."""
-    ep = load_epochs(engine, run_ids, [COST_METRIC])
+def _epoch_cost(engine: Engine, run_ids: list[str]) -> tuple[dict[str, float], str]:
+    """Each run's mean time per training epoch on the first basis of COST_BASES that every run has
+    (GPU time where all ran on a GPU, else CPU time, else wall time), and that basis's name."""
+    ep = load_epochs(engine, run_ids, [name for name, _ in COST_BASES])
     ep = ep[(ep["split"] == "train") & ep["value"].notna()]
-    return {str(k): float(v) for k, v in ep.groupby("run_id")["value"].mean().items()}
+    for name, basis in COST_BASES:
+        sub = ep[ep["name"] == name]
+        if not sub.empty and set(sub["run_id"]) >= set(run_ids):
+            return {str(k): float(v) for k, v in sub.groupby("run_id")["value"].mean().items()}, basis
+    sub = ep[ep["name"] == COST_METRIC]
+    return {str(k): float(v) for k, v in sub.groupby("run_id")["value"].mean().items()}, "wall time"
+
+
+def _bn_warnings(engine: Engine, done: pd.DataFrame, selection: str) -> list[str]:
+    """Runs whose selected epoch's val accuracy with batch BN statistics is far above the reported
+    one (running statistics): their accuracy says more about stale statistics than about weights."""
+    gaps = load_finals(engine, list(done["id"]), selection, "val")
+    gaps = gaps[(gaps["name"] == "bn_gap") & gaps["value"].notna()]
+    if gaps.empty:
+        return []
+    info = done.set_index("id")
+    out = []
+    for rid, gap in zip(gaps["run_id"], gaps["value"]):
+        if gap > BN_GAP_WARN:
+            r = info.loc[rid]
+            out.append(f"{r['label'] or r['method']} seed {r['seed']} (run {rid}): val accuracy is {100 * gap:.1f} points "
+                       f"higher with batch BN statistics than with the running ones it reports; "
+                       f"re-run with train.precise_bn (e.g. --set train.precise_bn=20) to see the weights' accuracy")
+    return out
 
 
 def _compare_to_baseline(t: ComparisonTable, baseline: str | None) -> None:

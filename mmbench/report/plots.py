@@ -1,9 +1,11 @@
 """Figures from the results database (matplotlib, Agg: no display needed).
 
-`curves`: per-epoch trajectories, one panel per metric (per-modality accuracy, imbalance ratio,
-competition strength, method diagnostics such as OGM-GE's coefficients), one line per method and
-setting: the mean over seeds with a ±1 std band. `bar`: the comparison table as grouped bars with
-std error bars. One figure per dataset and protocol, like the tables.
+`curves`: per-epoch trajectories, one line per method and setting (the mean over seeds with a ±1
+std band). By default one figure per dataset and protocol with the panels a reader compares
+methods on: fused accuracy, each modality's accuracy, the imbalance ratio and the competition
+strength. Method diagnostics (`--metric 'method/*'`) are method-specific, so they get one figure
+per method instead of dozens of mostly empty panels. `bar`: the comparison table as grouped bars
+with std error bars.
 """
 from __future__ import annotations
 
@@ -24,8 +26,11 @@ from mmbench.report.aggregate import (ComparisonTable, expand_metrics, load_epoc
                                       setting_labels)
 from mmbench.report.render import best_rows, header, title  # noqa: E402
 
-CURVE_METRICS = ("acc/*", "imbalance_ratio", "competition/*", "method/*")
-TRAIN_ONLY = ("method/", "epoch_seconds", "train_loss")  # logged on the train split only
+CURVE_METRICS = ("acc", "acc/*", "imbalance_ratio", "competition/*")
+DIAGNOSTICS = "method/"  # per-method figures
+PANEL_NOTES = {"competition": "\n0 = holds the concept, 1 = noise", "competition_official": "\nAGM's formula, ridge alpha 120",
+               "imbalance_ratio": "\nmax/min branch score; 1 = balanced"}
+TRAIN_ONLY = ("method/", "epoch_", "train_loss")  # logged on the train split only
 PLOTS = ("curves", "bar")
 
 
@@ -40,18 +45,60 @@ def _split_of(name: str, split: str) -> str:
     return "train" if name.startswith(TRAIN_ONLY) else split
 
 
-def _grid(n: int) -> tuple[plt.Figure, list[plt.Axes]]:
+def _grid(n: int, legend_rows: int = 0) -> tuple[plt.Figure, list[plt.Axes]]:
     ncols = min(3, n)
     nrows = math.ceil(n / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 3.6 * nrows + 0.8), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.2 * nrows + 0.7 + 0.22 * legend_rows), squeeze=False)
     flat = list(axes.ravel())
     for ax in flat[n:]:
         ax.set_visible(False)
     return fig, flat[:n]
 
 
+def _figure(g: pd.DataFrame, names: list[str], split: str, color: dict, heading: str) -> plt.Figure:
+    """One figure: a panel per metric, one line per (method, setting), the legend right below."""
+    keys = [k for k in color if ((g["method"] == k[0]) & (g["setting"] == k[1]) & g["name"].isin(names)).any()]
+    ncol = 2 if max((len(_line_label(*k)) for k in keys), default=0) > 40 else 3
+    legend_rows = math.ceil(len(keys) / ncol)
+    fig, axes = _grid(len(names), legend_rows)
+    for ax, name in zip(axes, names):
+        sub = g[(g["name"] == name) & (g["split"] == _split_of(name, split)) & g["value"].notna()]
+        for (meth, sett), line in sub.groupby(["method", "setting"], sort=False):
+            piv = line.pivot_table(index="epoch", columns="seed", values="value", aggfunc="mean")
+            x = piv.index.to_numpy() + 1
+            k = scale(name)
+            mean = k * piv.mean(axis=1).to_numpy()
+            std = k * piv.std(axis=1, ddof=1).fillna(0).to_numpy() if piv.shape[1] > 1 else np.zeros_like(mean)
+            c = color[(meth, sett)]
+            ax.plot(x, mean, marker="o" if len(x) < 15 else None, ms=3, color=c,
+                    label=f"{_line_label(meth, sett)} (n={piv.shape[1]})")
+            ax.fill_between(x, mean - std, mean + std, alpha=0.15, color=c)
+        ax.set_title(f"{header(name)} [{_split_of(name, split)}]{PANEL_NOTES.get(name.split('/')[0], '')}", fontsize=10)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.tick_params(labelsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if name.startswith("competition/"):  # calibrated: 0 = holds the concept, 1 = noise
+            for yv in (0.0, 1.0):
+                ax.axhline(yv, color="grey", lw=0.8, ls=":")
+    handles, labels = _legend_entries(axes)
+    fig.suptitle(heading, fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    # the legend directly under the panels, in the space tight_layout leaves for it
+    bottom = (0.22 * legend_rows + 0.35) / fig.get_figheight()
+    fig.subplots_adjust(bottom=bottom + 0.06)
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8, frameon=False, bbox_to_anchor=(0.5, 0.0))
+    return fig
+
+
+def _line_label(meth: str, sett: str) -> str:
+    return f"{meth} ({sett})" if sett else str(meth)
+
+
 def curves(engine: Engine, output: Path, sweep: str | None = None, dataset: str | None = None,
            metrics: list[str] | None = None, split: str = "test") -> list[Path]:
+    """One figure per dataset and protocol for the metrics asked (default CURVE_METRICS), and one
+    per method for its `method/*` diagnostics when those are asked; returns the files written."""
     runs = load_runs(engine, sweep, dataset)
     if runs.empty:
         raise UserError("no runs match the filters; run `mmbench sweep RECIPE` first or check --sweep/--dataset")
@@ -61,41 +108,43 @@ def curves(engine: Engine, output: Path, sweep: str | None = None, dataset: str 
         raise UserError("no per-epoch metrics yet for these runs (they appear when a run finishes); check `mmbench runs`")
     ep = ep.merge(runs[["id", "dataset", "protocol", "method", "setting", "seed"]], left_on="run_id", right_on="id")
     patterns = list(metrics) if metrics else list(CURVE_METRICS)
-    groups = [(k, g) for k, g in ep.groupby(["dataset", "protocol"], sort=True)]
-    figs: list[tuple[plt.Figure, str]] = []
-    for (ds, proto), g in groups:
+    figs: list[tuple[plt.Figure, tuple[str, ...]]] = []
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for (ds, proto), g in ep.groupby(["dataset", "protocol"], sort=True):
         available = sorted({n for n, s in zip(g["name"], g["split"]) if s == _split_of(n, split)})
         names = expand_metrics(patterns, available)
-        if not names:
-            continue
-        fig, axes = _grid(len(names))
-        cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
         keys = list(dict.fromkeys(zip(g["method"], g["setting"])))
-        color = {k: cycle[i % len(cycle)] for i, k in enumerate(keys)}  # one colour per line in every panel
-        for ax, name in zip(axes, names):
-            sub = g[(g["name"] == name) & (g["split"] == _split_of(name, split)) & g["value"].notna()]
-            for (meth, sett), line in sub.groupby(["method", "setting"], sort=False):
-                piv = line.pivot_table(index="epoch", columns="seed", values="value", aggfunc="mean")
-                x = piv.index.to_numpy() + 1
-                k = scale(name)
-                mean = k * piv.mean(axis=1).to_numpy()
-                std = k * piv.std(axis=1, ddof=1).fillna(0).to_numpy() if piv.shape[1] > 1 else np.zeros_like(mean)
-                lbl = f"{meth} ({sett})" if sett else str(meth)
-                c = color[(meth, sett)]
-                ax.plot(x, mean, marker="o" if len(x) < 15 else None, ms=3, color=c, label=f"{lbl} n={piv.shape[1]}")
-                ax.fill_between(x, mean - std, mean + std, alpha=0.2, color=c)
-            ax.set_title(f"{header(name)} [{_split_of(name, split)}]", fontsize=10)
-            ax.set_xlabel("epoch")
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.grid(alpha=0.3)
-        handles, labels = _legend_entries(axes)
-        fig.legend(handles, labels, loc="lower center", ncol=min(4, max(1, len(labels))), fontsize=8, frameon=False)
-        fig.suptitle(f"{ds} / protocol {proto} — mean ± std over seeds", fontsize=11)
-        fig.tight_layout(rect=(0, 0.08, 1, 0.96))
-        figs.append((fig, f"{ds}|{proto}"))
+        color = {k: cycle[i % len(cycle)] for i, k in enumerate(keys)}  # one colour per line in every figure
+        main = [n for n in names if not n.startswith(DIAGNOSTICS)]
+        if main:
+            figs.append((_figure(g, main, split, color, f"{ds} / protocol {proto} — mean ± std over seeds"), (str(ds), str(proto))))
+        diag = [n for n in names if n.startswith(DIAGNOSTICS)]
+        for meth in dict.fromkeys(g["method"]):
+            mine = g[(g["method"] == meth) & g["name"].isin(diag) & g["value"].notna()]
+            own = [n for n in diag if n in set(mine["name"])]
+            if own:
+                sub = g[g["method"] == meth]
+                figs.append((_figure(sub, own, split, color, f"{ds} / protocol {proto} — {meth} diagnostics, mean ± std over seeds"),
+                             (str(ds), str(proto), str(meth))))
     if not figs:
         raise UserError(f"no per-epoch metric matches {', '.join(patterns)}; pass --metric (e.g. --metric 'acc/*')")
-    return _save(figs, output)
+    return _save_named(figs, output)
+
+
+def _save_named(figs: list[tuple[plt.Figure, tuple[str, ...]]], output: Path) -> list[Path]:
+    """OUTPUT itself for a single figure; else OUTPUT_<part>... with only the parts that differ
+    (dataset and protocol when several, the method for diagnostics)."""
+    keys = [k for _, k in figs]
+    multi_ds = len({k[:2] for k in keys}) > 1
+    paths = []
+    for k in keys:
+        parts = (list(k[:2]) if multi_ds else []) + list(k[2:])
+        paths.append(output if len(keys) == 1 or not parts else output.with_name(f"{output.stem}_{'_'.join(parts)}{output.suffix}"))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    for (fig, _), p in zip(figs, paths):
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+    return paths
 
 
 def _legend_entries(axes: list[plt.Axes]) -> tuple[list, list[str]]:

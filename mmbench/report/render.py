@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from mmbench.report.aggregate import ComparisonTable, Row, decimals, is_percent, scale
-from mmbench.report.stats import T_MARK, W_MARK, Summary, best
+from mmbench.report.stats import T_MARK, W_MARK, Summary, best, significance_note
 
 FORMATS = ("table", "markdown", "csv", "latex", "html")
 UNVERIFIED_MARK = "(unverified data)"  # after a method: some of its runs trained on data prepared with --no-verify
@@ -36,16 +36,28 @@ def legend(t: ComparisonTable, interval: str = "std", with_n: bool = True) -> st
         seeds = [r.cells[c].summary.n for r in t.rows for c in r.cells] or [0]
         lo, hi = min(seeds), max(seeds)
         n = f"{lo} seeds" if lo == hi else f"{lo}-{hi} seeds"
-    parts = [f"mean ± {spread}; {n}; best per column in bold"]
+    parts = [f"mean ± {spread}; {n}; best per column in bold where higher (accuracy, F1) or lower (loss) is "
+             "unambiguously better (imbalance ratio and competition strength describe a model, they never rank it)"]
     if t.baseline:
-        parts.append(f"(Δ): difference to {t.baseline} paired by seed, {T_MARK} paired t-test p < 0.05, "
-                     f"{W_MARK} Wilcoxon signed-rank p < 0.05")
+        paired_ns = [c.vs_baseline.n for r in t.rows for c in r.cells.values() if c.vs_baseline is not None]
+        ci = ", [bootstrap 95 % interval of the paired difference] (n >= 3)" if interval == "ci" else ""
+        parts.append(f"(Δ{ci}): difference to {t.baseline} paired by seed; {significance_note(paired_ns)}")
     if t.has_cost:
-        parts.append(f"cost: training time per epoch relative to {t.cost_reference}")
+        parts.append(f"cost: {t.cost_basis} per training epoch (this process's own) relative to {t.cost_reference}"
+                     if t.cost_basis != "wall time" else
+                     f"cost: wall time per training epoch relative to {t.cost_reference} (follows the machine's load)")
     if any(r.unverified for r in t.rows):
         parts.append(f"{UNVERIFIED_MARK}: trained on data prepared with --no-verify whose files differ from the "
                      "canonical ones (not comparable to published numbers)")
     return "; ".join(parts)
+
+
+def warnings_text(t: ComparisonTable) -> list[str]:
+    return [f"warning: {w}" for w in t.warnings]
+
+
+def cost_header(t: ComparisonTable) -> str:
+    return {"CPU time": "cost (CPU)", "GPU time": "cost (GPU)"}.get(t.cost_basis, "cost (wall)")
 
 
 def header(metric: str) -> str:
@@ -71,15 +83,20 @@ def best_rows(t: ComparisonTable, metric: str) -> set[int]:
 
 
 def cell_parts(row: Row, metric: str, interval: str) -> tuple[str, str]:
-    """(value ± spread, difference to the baseline with markers) as plain text."""
+    """(value ± spread, difference to the baseline with markers) as plain text; with --ci the
+    difference carries its bootstrap interval where there is one."""
     c = row.cells.get(metric)
     if c is None:
         return "–", ""
     sp = spread(c.summary, interval)
     main = _num(metric, c.summary.mean) + ("" if math.isnan(sp) else f" ± {_num(metric, sp)}")
     p = c.vs_baseline
-    diff = f"({_num(metric, p.diff, signed=True)}{p.marker})" if p is not None else ""
-    return main, diff
+    if p is None:
+        return main, ""
+    band = ""
+    if interval == "ci" and not math.isnan(p.diff_ci_low):
+        band = f" [{_num(metric, p.diff_ci_low, signed=True)}, {_num(metric, p.diff_ci_high, signed=True)}]"
+    return main, f"({_num(metric, p.diff, signed=True)}{p.marker}{band})"
 
 
 def n_text(row: Row) -> str:
@@ -140,7 +157,7 @@ def _rich_compact(t: ComparisonTable, interval: str, width: int, droppable: bool
             break
         cols.remove(low[-1])
         dropped.append(low[-1])
-    caption = legend(t, interval)
+    caption = "\n".join([legend(t, interval), *warnings_text(t)])
     if dropped:
         caption += f"; not shown at this width: {', '.join(dropped)} (a wider terminal, or --format markdown, shows all)"
     tab = Table(title=escape(title(t)), title_justify="left", caption=escape(caption), caption_justify="left")
@@ -166,14 +183,15 @@ def _rich_compact(t: ComparisonTable, interval: str, width: int, droppable: bool
 
 def _rich_wide(t: ComparisonTable, interval: str = "std") -> Table:
     # rich reads cell text as markup: labels and settings are user text (method parameters), escaped
-    tab = Table(title=escape(title(t)), title_justify="left", caption=escape(legend(t, interval)), caption_justify="left")
+    caption = "\n".join([legend(t, interval), *warnings_text(t)])
+    tab = Table(title=escape(title(t)), title_justify="left", caption=escape(caption), caption_justify="left")
     tab.add_column("method", style="bold")
     tab.add_column("setting")
     tab.add_column("n", justify="right")
     for c in t.columns:
         tab.add_column(escape(header(c)), justify="right")
     if t.has_cost:
-        tab.add_column("cost", justify="right")
+        tab.add_column(cost_header(t), justify="right")
     bests = {c: best_rows(t, c) for c in t.columns}
     for i, row in enumerate(t.rows):
         cells = []
@@ -186,7 +204,7 @@ def _rich_wide(t: ComparisonTable, interval: str = "std") -> Table:
 
 
 def to_markdown(t: ComparisonTable, interval: str = "std") -> str:
-    cols = ["method", "setting", "n", *[header(c) for c in t.columns]] + (["cost"] if t.has_cost else [])
+    cols = ["method", "setting", "n", *[header(c) for c in t.columns]] + ([cost_header(t)] if t.has_cost else [])
     lines = [f"### {title(t)}", "", "| " + " | ".join(cols) + " |",
              "|" + "|".join("---" if i < 2 else "---:" for i in range(len(cols))) + "|"]
     bests = {c: best_rows(t, c) for c in t.columns}
@@ -197,7 +215,8 @@ def to_markdown(t: ComparisonTable, interval: str = "std") -> str:
             cells.append((f"**{main}**" if i in bests[c] else main) + (f" {diff}" if diff else ""))
         extra = [cost_text(row)] if t.has_cost else []
         lines.append("| " + " | ".join([_label(row), row.setting, n_text(row), *cells, *extra]) + " |")
-    return "\n".join(lines + ["", f"_{legend(t, interval)}_", ""]) + "\n"
+    notes = [f"> {w}" for w in warnings_text(t)]
+    return "\n".join(lines + ["", f"_{legend(t, interval)}_", "", *notes, *([""] if notes else [])]) + "\n"
 
 
 def _g(x: float | None) -> str:
@@ -209,7 +228,7 @@ def to_csv(tables: list[ComparisonTable]) -> str:
     columns keep their original order, so scripts reading them by position still work."""
     buf = io.StringIO()
     buf.write("dataset,protocol,selection,method,setting,metric,mean,std,n,split,label,ci95_low,ci95_high,"
-              "baseline,diff,p_ttest,p_wilcoxon,best,epoch_seconds,rel_cost,unverified_runs\n")
+              "baseline,diff,p_ttest,p_wilcoxon,best,epoch_seconds,rel_cost,unverified_runs,diff_ci95_low,diff_ci95_high,tests,cost_basis\n")
 
     def q(s: str) -> str:
         return '"' + s.replace('"', '""') + '"'
@@ -227,7 +246,8 @@ def to_csv(tables: list[ComparisonTable]) -> str:
                     _g(s.mean), _g(s.std), str(s.n), t.split, q(row.label), _g(s.ci_low), _g(s.ci_high),
                     q(t.baseline or ""), _g(p.diff if p else None), _g(p.p_ttest if p else None),
                     _g(p.p_wilcoxon if p else None), "1" if i in bests[c] else "0", _g(row.epoch_seconds),
-                    _g(row.rel_cost), str(row.unverified),
+                    _g(row.rel_cost), str(row.unverified), _g(p.diff_ci_low if p else None), _g(p.diff_ci_high if p else None),
+                    q("+".join(p.tests) if p else ""), q(t.cost_basis if row.epoch_seconds is not None else ""),
                 ]) + "\n")
     return buf.getvalue()
 
@@ -247,11 +267,11 @@ def to_latex(t: ComparisonTable, interval: str = "std") -> str:
     cols = t.columns
     extra = 1 if t.has_cost else 0
     spec = "ll" + "r" * (len(cols) + extra)
-    head = ["Method", "Setting", *[_tex(header(c)) for c in cols]] + (["Cost"] if t.has_cost else [])
+    head = ["Method", "Setting", *[_tex(header(c)) for c in cols]] + ([_tex(cost_header(t)).capitalize()] if t.has_cost else [])
     lines = [
         "% requires \\usepackage{booktabs}",
         r"\begin{table}[t]", r"\centering", r"\small",
-        rf"\caption{{{_tex(title(t))}. {_tex(legend(t, interval, with_n=False))}.}}",
+        rf"\caption{{{_tex(title(t))}. {_tex(legend(t, interval, with_n=False))}.{''.join(' ' + _tex(w) + '.' for w in warnings_text(t))}}}",
         rf"\begin{{tabular}}{{{spec}}}", r"\toprule", " & ".join(head) + r" \\", r"\midrule",
     ]
     bests = {c: best_rows(t, c) for c in cols}
@@ -294,7 +314,7 @@ def to_html(tables: list[ComparisonTable], interval: str = "std") -> str:
         if t.partial:
             cap = cap.replace("PARTIAL", '<span class="partial">PARTIAL</span>')
         out.append(f"<table><caption>{cap}</caption><thead><tr>")
-        heads = ["method", "setting", "n", *[header(c) for c in t.columns]] + (["cost"] if t.has_cost else [])
+        heads = ["method", "setting", "n", *[header(c) for c in t.columns]] + ([cost_header(t)] if t.has_cost else [])
         out.append("".join(f'<th class="{"l" if i < 2 else ""}">{e(h)}</th>' for i, h in enumerate(heads)))
         out.append("</tr></thead><tbody>")
         bests = {c: best_rows(t, c) for c in t.columns}
@@ -312,6 +332,7 @@ def to_html(tables: list[ComparisonTable], interval: str = "std") -> str:
                 tds.append(f"<td>{e(cost_text(row))}</td>")
             out.append("<tr>" + "".join(tds) + "</tr>")
         out.append(f'</tbody></table><p class="note">{e(legend(t, interval))}</p>')
+        out += [f'<p class="note partial">{e(w)}</p>' for w in warnings_text(t)]
     out.append("</body></html>")
     return "\n".join(out) + "\n"
 

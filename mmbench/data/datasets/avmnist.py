@@ -116,7 +116,7 @@ class AVMnist(ManifestBuilder):
     name = "avmnist"
     description = "FSDD spoken digits + MNIST digits paired by class (10 classes, 2400/300/300); real, CPU-sized"
     protocols = ManifestProtocols("avmnist")
-    default_protocol = "default"
+    default_protocol = "v2"  # `default` (zero-energy padding) stays preparable by name
 
     def plan(self, man: Manifest, req: PrepareRequest, params: dict[str, Any]) -> Plan:
         img_src, lab_src = man.source("mnist_images"), man.source("mnist_labels")
