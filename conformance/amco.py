@@ -32,6 +32,9 @@ from unittest import mock
 
 import numpy as np
 import torch
+from common import StepRecorder as Recorder
+from common import per_tensor_diff as diff
+from common import renamer
 from torch import nn
 
 
@@ -83,30 +86,8 @@ def build_official(root: Path):
     return models, trainer
 
 
-def diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[float, float]:
-    abs_d, rel_d = 0.0, 0.0
-    for k, x in a.items():
-        d = (x.double() - b[k].double()).abs().max().item()
-        abs_d, rel_d = max(abs_d, d), max(rel_d, d / max(x.double().abs().max().item(), 1e-12))
-    return abs_d, rel_d
-
-
-def to_project(name: str) -> str:
-    for pre, rep in (("modality_encoder.audio.", "encoders.audio.trunk."), ("modality_encoder.visual.", "encoders.visual.trunk."),
-                     ("fusion_module.fc_out.", "fusion.fc."), ("linear_star.", "fusion.star.")):
-        if name.startswith(pre):
-            return rep + name[len(pre):]
-    raise KeyError(name)
-
-
-class Recorder:
-    def __init__(self, opt: torch.optim.Optimizer, names: dict[int, str]) -> None:
-        self.grads: list[dict[str, torch.Tensor]] = []
-        self.params: list[dict[str, torch.Tensor]] = []
-        opt.register_step_pre_hook(lambda o, *a: self.grads.append(
-            {names[id(p)]: p.grad.detach().clone() for g in o.param_groups for p in g["params"] if p.grad is not None}))
-        opt.register_step_post_hook(lambda o, *a: self.params.append(
-            {names[id(p)]: p.detach().clone() for g in o.param_groups for p in g["params"]}))
+to_project = renamer([("modality_encoder.audio.", "encoders.audio.trunk."), ("modality_encoder.visual.", "encoders.visual.trunk."),
+                      ("fusion_module.fc_out.", "fusion.fc."), ("linear_star.", "fusion.star.")])
 
 
 def main() -> None:

@@ -144,6 +144,42 @@ def grad_recorder(opt: torch.optim.Optimizer, named: dict[str, torch.nn.Paramete
     return rec
 
 
+class StepRecorder:
+    """Optimizer pre/post step hooks: per step, the gradients the optimizer used and the parameters it
+    left, keyed by `names[id(param)]` (the official or the mmbench name of each parameter)."""
+
+    def __init__(self, opt: torch.optim.Optimizer, names: dict[int, str]) -> None:
+        self.grads: list[dict[str, torch.Tensor]] = []
+        self.params: list[dict[str, torch.Tensor]] = []
+        opt.register_step_pre_hook(lambda o, *a: self.grads.append(
+            {names[id(p)]: p.grad.detach().clone() for g in o.param_groups for p in g["params"] if p.grad is not None}))
+        opt.register_step_post_hook(lambda o, *a: self.params.append(
+            {names[id(p)]: p.detach().clone() for g in o.param_groups for p in g["params"]}))
+
+
+def per_tensor_diff(official: dict[str, torch.Tensor], ours: dict[str, torch.Tensor]) -> tuple[float, float]:
+    """(max abs, max rel) over the tensors of `official`, rel taken per tensor (|a - b|max / |b|max)."""
+    abs_d, rel_d = 0.0, 0.0
+    for k, b in official.items():
+        d = (ours[k].double() - b.double()).abs().max().item() if b.numel() else 0.0
+        scale = max(b.double().abs().max().item(), 1e-12) if b.numel() else 1.0
+        abs_d, rel_d = max(abs_d, d), max(rel_d, d / scale)
+    return abs_d, rel_d
+
+
+def renamer(rules: Iterable[tuple[str, str]]) -> Callable[[str], str]:
+    """official name -> mmbench name by prefix rules; an unmatched name is an error (nothing skipped silently)."""
+    rules = list(rules)
+
+    def rename(name: str) -> str:
+        out = official_to_mmbench(name, rules)
+        if out is None:
+            raise KeyError(f"no mmbench counterpart for official tensor {name}")
+        return out
+
+    return rename
+
+
 def state_of(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     params = {k: v.detach().clone() for k, v in model.named_parameters()}
     bufs = {k: v.detach().clone() for k, v in model.named_buffers() if v.is_floating_point()}

@@ -30,6 +30,8 @@ import types
 from pathlib import Path
 
 import torch
+from common import StepRecorder as Recorder
+from common import per_tensor_diff, renamer
 from torch import nn
 
 
@@ -52,40 +54,8 @@ def stub_modules() -> None:
     mod("torch.utils.tensorboard", SummaryWriter=dummy)
 
 
-class Recorder:
-    """Optimizer pre/post step hooks: the gradients the step used, the parameters after it."""
-
-    def __init__(self, opt: torch.optim.Optimizer, names: dict[int, str]) -> None:
-        self.grads: list[dict[str, torch.Tensor]] = []
-        self.params: list[dict[str, torch.Tensor]] = []
-        self.names = names
-        opt.register_step_pre_hook(self.pre)
-        opt.register_step_post_hook(self.post)
-
-    def pre(self, opt: torch.optim.Optimizer, *a: object) -> None:
-        self.grads.append({self.names[id(p)]: p.grad.detach().clone() for g in opt.param_groups for p in g["params"]
-                           if p.grad is not None})
-
-    def post(self, opt: torch.optim.Optimizer, *a: object) -> None:
-        self.params.append({self.names[id(p)]: p.detach().clone() for g in opt.param_groups for p in g["params"]})
-
-
-def to_project(name: str) -> str:
-    for pre, rep in (("audio_net.", "encoders.audio.trunk."), ("visual_net.", "encoders.visual.trunk."),
-                     ("fusion_module.fc_out.", "fusion.head.")):
-        if name.startswith(pre):
-            return rep + name[len(pre):]
-    raise KeyError(name)
-
-
-def diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[float, float]:
-    abs_d, rel_d = 0.0, 0.0
-    for k, x in a.items():
-        y = b[k]
-        d = (x.double() - y.double()).abs().max().item() if x.numel() else 0.0
-        scale = max(x.double().abs().max().item(), 1e-12) if x.numel() else 1.0
-        abs_d, rel_d = max(abs_d, d), max(rel_d, d / scale)
-    return abs_d, rel_d
+to_project = renamer([("audio_net.", "encoders.audio.trunk."), ("visual_net.", "encoders.visual.trunk."),
+                      ("fusion_module.fc_out.", "fusion.head.")])
 
 
 def main() -> None:
@@ -190,16 +160,16 @@ def main() -> None:
     for s in range(len(orec.grads)):
         og = {to_project(k): v for k, v in orec.grads[s].items()}
         op = {to_project(k): v for k, v in orec.params[s].items()}
-        ga, gr = diff(og, {k: prec.grads[s][k] for k in og})
-        pa, pr = diff(op, prec.params[s])
+        ga, gr = per_tensor_diff(og, {k: prec.grads[s][k] for k in og})
+        pa, pr = per_tensor_diff(op, prec.params[s])
         ld = abs(losses_off[s] - losses_proj[s])
         worst = max(worst, gr, pr)
         print(f"{s:>4} {('audio', 'visual')[s % 2]:>8} {ga:10.2e} {gr:10.2e} {pa:10.2e} {pr:10.2e} {ld:10.2e}")
     for i in range(len(bn_off)):
-        ba, br = diff({to_project(k): v for k, v in bn_off[i].items()}, bn_proj[i])
+        ba, br = per_tensor_diff({to_project(k): v for k, v in bn_off[i].items()}, bn_proj[i])
         worst = max(worst, br)
         print(f"batch {i}: BN buffers max abs {ba:.2e} rel {br:.2e}")
-    pa, pr = diff({"P": gs_P}, {"P": method.projector})
+    pa, pr = per_tensor_diff({"P": gs_P}, {"P": method.projector})
     print(f"projector after the last step: max abs {pa:.2e} rel {pr:.2e}")
     bitwise = all(torch.equal(orec.params[s][k], prec.params[s][to_project(k)]) for s in range(len(orec.params))
                   for k in orec.params[s])

@@ -30,7 +30,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
+from common import StepRecorder as Recorder
+from common import per_tensor_diff as diff
+from common import renamer
 
 
 def stub_modules() -> None:
@@ -77,31 +79,8 @@ def load_repaired_classifier(code: Path) -> None:
     setattr(models, "Classifier", module)
 
 
-class Recorder:
-    def __init__(self, opt: torch.optim.Optimizer, names: dict[int, str]) -> None:
-        self.grads: list[dict[str, torch.Tensor]] = []
-        self.params: list[dict[str, torch.Tensor]] = []
-        self.names = names
-        opt.register_step_pre_hook(lambda o, *a: self.grads.append(
-            {self.names[id(p)]: p.grad.detach().clone() for g in o.param_groups for p in g["params"] if p.grad is not None}))
-        opt.register_step_post_hook(lambda o, *a: self.params.append(
-            {self.names[id(p)]: p.detach().clone() for g in o.param_groups for p in g["params"]}))
-
-
-def to_project(name: str) -> str:
-    for pre, rep in (("encoder_1.", "encoders.audio.trunk."), ("encoder_2.", "encoders.visual.trunk."),
-                     ("fusion_model.fxy.", "fusion.fc.")):
-        if name.startswith(pre):
-            return rep + name[len(pre):]
-    raise KeyError(name)
-
-
-def diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[float, float]:
-    abs_d, rel_d = 0.0, 0.0
-    for k, x in a.items():
-        d = (x.double() - b[k].double()).abs().max().item()
-        abs_d, rel_d = max(abs_d, d), max(rel_d, d / max(x.double().abs().max().item(), 1e-12))
-    return abs_d, rel_d
+to_project = renamer([("encoder_1.", "encoders.audio.trunk."), ("encoder_2.", "encoders.visual.trunk."),
+                      ("fusion_model.fxy.", "fusion.fc.")])
 
 
 VERBOSE = False

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import renamer
 from torch import nn
 
 
@@ -41,12 +42,8 @@ def stub(name: str, **attrs: object) -> None:
     sys.modules[name] = m
 
 
-def to_project(name: str) -> str:
-    for pre, rep in (("audio_net.", "encoders.audio.trunk."), ("visual_net.", "encoders.visual.trunk."),
-                     ("fusion_module.fc_out.", "fusion.fc.")):
-        if name.startswith(pre):
-            return rep + name[len(pre):]
-    raise KeyError(name)
+to_project = renamer([("audio_net.", "encoders.audio.trunk."), ("visual_net.", "encoders.visual.trunk."),
+                      ("fusion_module.fc_out.", "fusion.fc.")])
 
 
 def without_loader(cls: type) -> object:

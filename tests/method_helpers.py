@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from mmbench.methods.base import METHODS, Method, ModelSpec, StepContext, TrainSpec
+import method_util
+
+from mmbench.methods.base import Method, StepContext
 
 TWO = {"audio": [1, 8, 8], "visual": [2, 3, 8, 8]}
 THREE = {"audio": [1, 8, 8], "visual": [2, 3, 8, 8], "depth": [1, 8, 8]}
@@ -14,17 +16,9 @@ PLAIN_SGD = {"name": "sgd", "lr": 1.0, "momentum": 0.0, "weight_decay": 0.0}
 
 def make(name: str, fusion: str = "concat", shapes: dict | None = None, classes: int = 4, epochs: int = 1,
          seed: int = 0, **hp: object) -> Method:
-    torch.manual_seed(seed)
-    cls = METHODS.get(name)
-    spec = ModelSpec(backbone="tiny", fusion=fusion, input_shapes=dict(shapes or TWO), num_classes=classes)
-    h = cls.HParams(**hp)
-    train = TrainSpec(epochs=epochs, optimizer=dict(PLAIN_SGD), scheduler={"name": "none"})
-    cls.check(spec, h)
-    cls.check_train(train, h)
-    m = cls(spec, h, train)
-    m.setup(torch.device("cpu"))
-    m.train()
-    return m
+    """method_util.make with plain SGD at lr 1 (the update is exactly minus the gradient)."""
+    return method_util.make(name, fusion, shapes or TWO, epochs=epochs, optimizer=dict(PLAIN_SGD), classes=classes,
+                            seed=seed, **hp)
 
 
 def batch(shapes: dict | None = None, b: int = 12, classes: int = 4, seed: int = 1):

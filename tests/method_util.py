@@ -14,14 +14,18 @@ CLASSES = 4
 
 
 def make(name: str, fusion: str = "concat", shapes: dict[str, list[int]] | None = None, lr: float = 0.01,
-         epochs: int = 2, **hp: Any):
-    torch.manual_seed(0)
+         epochs: int = 2, optimizer: dict[str, Any] | None = None, classes: int = CLASSES, seed: int = 0, **hp: Any):
+    """A method on the tiny backbone, checked as a run would be, set up on the CPU in train mode
+    (SGD with momentum 0.9 at `lr` unless `optimizer` is given)."""
+    torch.manual_seed(seed)
     cls = METHODS.get(name)
-    spec = ModelSpec(backbone="tiny", fusion=fusion, input_shapes=dict(shapes or SHAPES2), num_classes=CLASSES)
+    spec = ModelSpec(backbone="tiny", fusion=fusion, input_shapes=dict(shapes or SHAPES2), num_classes=classes)
     h = cls.HParams(**hp)
+    train = TrainSpec(epochs=epochs, optimizer=optimizer or {"name": "sgd", "lr": lr, "momentum": 0.9},
+                      scheduler={"name": "none"})
     cls.check(spec, h)
-    m = cls(spec, h, TrainSpec(epochs=epochs, optimizer={"name": "sgd", "lr": lr, "momentum": 0.9},
-                               scheduler={"name": "none"}))
+    cls.check_train(train, h)
+    m = cls(spec, h, train)
     m.setup(torch.device("cpu"))
     m.train()
     return m

@@ -9,25 +9,20 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import method_util
 from conftest import run_cli, write_recipe
 from pydantic import ValidationError
 
 from mmbench.errors import UserError
 from mmbench.methods.amco import class_mask, dependence, mask_fraction
-from mmbench.methods.base import METHODS, EpochContext, ModelSpec, StepContext, TrainSpec
+from mmbench.methods.base import METHODS, EpochContext, ModelSpec, StepContext
 
 SHAPES = {"audio": [1, 8, 8], "visual": [2, 3, 8, 8]}
 
 
 def make(shapes: dict | None = None, **hp: object):
-    torch.manual_seed(0)
-    cls = METHODS.get("amco")
-    spec = ModelSpec(backbone="tiny", fusion="concat", input_shapes=dict(shapes or SHAPES), num_classes=4)
-    m = cls(spec, cls.HParams(**hp), TrainSpec(epochs=10, optimizer={"name": "sgd", "lr": 0.05, "momentum": 0.9},
-                                               scheduler={"name": "none"}))
-    m.setup(torch.device("cpu"))
-    m.train()
-    return m
+    return method_util.make("amco", "concat", shapes or SHAPES, epochs=10,
+                            optimizer={"name": "sgd", "lr": 0.05, "momentum": 0.9}, **hp)
 
 
 def batch(shapes: dict | None = None, b: int = 8, seed: int = 1):

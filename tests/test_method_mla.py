@@ -7,12 +7,13 @@ import sqlite3
 import pytest
 import torch
 import torch.nn.functional as F
+import method_util
 from conftest import run_cli
 from conftest import write_recipe
 from pydantic import ValidationError
 
 from mmbench.errors import UserError
-from mmbench.methods.base import METHODS, ModelSpec, StepContext, TrainSpec
+from mmbench.methods.base import METHODS, ModelSpec, StepContext
 from mmbench.methods.mla import entropy_gates, project_gradient, projector_beta, projector_update
 from mmbench.models.fusion import build_fusion
 
@@ -20,14 +21,8 @@ SHAPES = {"audio": [1, 8, 8], "visual": [2, 3, 8, 8]}
 
 
 def make(shapes: dict | None = None, lr: float = 0.1, **hp: object):
-    torch.manual_seed(0)
-    cls = METHODS.get("mla")
-    spec = ModelSpec(backbone="tiny", fusion="shared", input_shapes=dict(shapes or SHAPES), num_classes=4)
-    m = cls(spec, cls.HParams(**hp), TrainSpec(epochs=2, optimizer={"name": "sgd", "lr": lr, "momentum": 0.9,
-                                                                     "weight_decay": 1e-4}, scheduler={"name": "none"}))
-    m.setup(torch.device("cpu"))
-    m.train()
-    return m
+    return method_util.make("mla", "shared", shapes or SHAPES, epochs=2,
+                            optimizer={"name": "sgd", "lr": lr, "momentum": 0.9, "weight_decay": 1e-4}, **hp)
 
 
 def batch(shapes: dict | None = None, b: int = 8, seed: int = 1):

@@ -8,26 +8,21 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import method_util
 from conftest import run_cli, write_recipe
 from pydantic import ValidationError
 
 from mmbench.data.resample import PlannedSplit
 from mmbench.errors import UserError
-from mmbench.methods.base import METHODS, ModelSpec, StepContext, TrainPlan, TrainSpec
+from mmbench.methods.base import METHODS, ModelSpec, StepContext, TrainPlan
 from mmbench.methods.valuation import contributions, copies, modality_plan, sample_plan
 
 SHAPES = {"audio": [1, 8, 8], "visual": [2, 3, 8, 8]}
 
 
 def make(**hp: object):
-    torch.manual_seed(0)
-    cls = METHODS.get("valuation")
-    spec = ModelSpec(backbone="tiny", fusion="concat", input_shapes=dict(SHAPES), num_classes=4)
-    m = cls(spec, cls.HParams(**hp), TrainSpec(epochs=4, optimizer={"name": "sgd", "lr": 0.05, "momentum": 0.9},
-                                               scheduler={"name": "none"}))
-    m.setup(torch.device("cpu"))
-    m.train()
-    return m
+    return method_util.make("valuation", "concat", SHAPES, epochs=4,
+                            optimizer={"name": "sgd", "lr": 0.05, "momentum": 0.9}, **hp)
 
 
 def test_contributions_by_hand():
