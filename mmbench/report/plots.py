@@ -140,11 +140,7 @@ def _save_named(figs: list[tuple[plt.Figure, tuple[str, ...]]], output: Path) ->
     for k in keys:
         parts = (list(k[:2]) if multi_ds else []) + list(k[2:])
         paths.append(output if len(keys) == 1 or not parts else output.with_name(f"{output.stem}_{'_'.join(parts)}{output.suffix}"))
-    output.parent.mkdir(parents=True, exist_ok=True)
-    for (fig, _), p in zip(figs, paths):
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-    return paths
+    return _write([f for f, _ in figs], paths, output, dpi=110)
 
 
 def _legend_entries(axes: list[plt.Axes]) -> tuple[list, list[str]]:
@@ -202,14 +198,19 @@ def check_output(output: Path) -> None:
 def _save(figs: list[tuple[plt.Figure, str]], output: Path) -> list[Path]:
     keys = [tuple(k.split("|", 1)) for _, k in figs]
     paths = outputs_for(output, keys)  # type: ignore[arg-type]
+    return _write([f for f, _ in figs], paths, output, dpi=120)
+
+
+def _write(figs: list[plt.Figure], paths: list[Path], output: Path, dpi: int) -> list[Path]:
+    """Write each figure to its path; an unwritable place is exit 2 naming it, and every figure is closed."""
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        for (fig, _), p in zip(figs, paths):
-            fig.savefig(p, dpi=120)
+        for fig, p in zip(figs, paths):
+            fig.savefig(p, dpi=dpi)
     except OSError as e:
         raise UserError(f"cannot write the figure {e.filename or output}: {e.strerror or e}; "
                         "pass --output a path in a folder you can write to") from None
     finally:
-        for fig, _ in figs:
+        for fig in figs:
             plt.close(fig)
     return paths
