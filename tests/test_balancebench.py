@@ -32,7 +32,8 @@ def test_recipe_passes_dry_run_and_every_method_check(name: str, mm_env: Path, c
     recipe, _ = load_recipe(path, [])
     runs = plan(recipe, str(path), str(mm_env / "no-data"))
     methods = {r.cfg["method"]["name"] for r in runs}
-    assert methods == {"unimodal", "joint", "ogm_ge", "agm", "mmpareto", "relearn", "mmcosine", "cml", "mbsd", "lfm"}
+    assert methods == {"unimodal", "joint", "ogm_ge", "agm", "mmpareto", "relearn", "mmcosine", "cml", "mbsd", "lfm",
+                       "umt", "gblending", "pmr", "reconboost", "mla", "opm", "greedy", "amco", "valuation"}
     for r in runs:
         c = r.cfg
         assert c["train"]["selection"] == "oracle-test" and c["train"]["epochs"] == 30
