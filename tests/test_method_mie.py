@@ -378,5 +378,5 @@ def test_resume_matches_an_uninterrupted_run(tmp_path: Path, tiny_data_dir: Path
     for e in range(cut, 3):
         for split in ("train", "val", "test"):
             for k, v in full.history[e]["metrics"][split].items():
-                if k != "epoch_seconds":
+                if not k.startswith("epoch_") or not k.endswith("seconds"):  # timings differ run to run
                     assert resumed.history[e]["metrics"][split][k] == pytest.approx(v, abs=1e-6), (e, split, k)
