@@ -1,4 +1,4 @@
-"""MIE (docs/methods/mie.md, IGM code): flat projection, covariance pass, which gradients it touches,
+"""MIE (METHODS.md §4, IGM code): flat projection, covariance pass, which gradients it touches,
 one step against an independent reference, SAM variants, stages with restarts and per-stage
 schedules, averaged-softmax prediction, bad input, one run end to end."""
 from __future__ import annotations
@@ -378,5 +378,5 @@ def test_resume_matches_an_uninterrupted_run(tmp_path: Path, tiny_data_dir: Path
     for e in range(cut, 3):
         for split in ("train", "val", "test"):
             for k, v in full.history[e]["metrics"][split].items():
-                if not k.endswith("_seconds"):  # wall, CPU and GPU time differ between any two runs
+                if not k.startswith("epoch_") or not k.endswith("seconds"):  # timings differ run to run
                     assert resumed.history[e]["metrics"][split][k] == pytest.approx(v, abs=1e-6), (e, split, k)

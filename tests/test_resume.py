@@ -43,7 +43,7 @@ def test_resume_matches_uninterrupted(tmp_path: Path, tiny_data_dir: Path) -> No
     for a, b in zip(full.history, resumed.history):
         for split in ("train", "val", "test"):
             for k, v in a["metrics"][split].items():
-                if not k.endswith("_seconds"):  # wall, CPU and GPU time differ between any two runs
+                if not k.startswith("epoch_") or not k.endswith("seconds"):  # timings differ run to run
                     assert b["metrics"][split][k] == pytest.approx(v, abs=1e-6), (a["epoch"], split, k)
     assert resumed.finals["best-val"]["test"]["acc"] == full.finals["best-val"]["test"]["acc"]
 

@@ -69,8 +69,8 @@ def _figure(g: pd.DataFrame, names: list[str], split: str, color: dict, heading:
             k = scale(name)
             mean = k * piv.mean(axis=1).to_numpy()
             std = k * piv.std(axis=1, ddof=1).fillna(0).to_numpy() if piv.shape[1] > 1 else np.zeros_like(mean)
-            c = color[(meth, sett)]
-            ax.plot(x, mean, marker="o" if len(x) < 15 else None, ms=3, color=c,
+            c, ls = color[(meth, sett)]
+            ax.plot(x, mean, marker="o" if len(x) < 15 else None, ms=3, color=c, ls=ls,
                     label=f"{_line_label(meth, sett)} (n={piv.shape[1]})")
             ax.fill_between(x, mean - std, mean + std, alpha=0.15, color=c)
         ax.set_title(f"{header(name)} [{_split_of(name, split)}]{PANEL_NOTES.get(name.split('/')[0], '')}", fontsize=10)
@@ -83,12 +83,18 @@ def _figure(g: pd.DataFrame, names: list[str], split: str, color: dict, heading:
                 ax.axhline(yv, color="grey", lw=0.8, ls=":")
     handles, labels = _legend_entries(axes)
     fig.suptitle(heading, fontsize=11)
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
-    # the legend directly under the panels, in the space tight_layout leaves for it
-    bottom = (0.22 * legend_rows + 0.35) / fig.get_figheight()
-    fig.subplots_adjust(bottom=bottom + 0.06)
+    # the legend directly under the panels: keep room for it, then let tight_layout place the panels
+    bottom = (0.22 * legend_rows + 0.3) / fig.get_figheight()
+    fig.tight_layout(rect=(0, bottom, 1, 0.97), h_pad=1.2)
     fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8, frameon=False, bbox_to_anchor=(0.5, 0.0))
     return fig
+
+
+def line_styles(keys: list, cycle: list[str]) -> dict:
+    """(colour, line style) per line: the colour cycle first, then dashed, then dotted, so no two
+    lines of a figure look the same."""
+    styles = ("-", "--", ":", "-.")
+    return {k: (cycle[i % len(cycle)], styles[(i // len(cycle)) % len(styles)]) for i, k in enumerate(keys)}
 
 
 def _line_label(meth: str, sett: str) -> str:
@@ -114,7 +120,7 @@ def curves(engine: Engine, output: Path, sweep: str | None = None, dataset: str 
         available = sorted({n for n, s in zip(g["name"], g["split"]) if s == _split_of(n, split)})
         names = expand_metrics(patterns, available)
         keys = list(dict.fromkeys(zip(g["method"], g["setting"])))
-        color = {k: cycle[i % len(cycle)] for i, k in enumerate(keys)}  # one colour per line in every figure
+        color = line_styles(keys, cycle)  # one look per line in every figure
         main = [n for n in names if not n.startswith(DIAGNOSTICS)]
         if main:
             figs.append((_figure(g, main, split, color, f"{ds} / protocol {proto} — mean ± std over seeds"), (str(ds), str(proto))))
