@@ -40,7 +40,7 @@ def test_recipe_passes_dry_run_and_every_method_check(name: str, mm_env: Path, c
         assert c["train"]["optimizer"]["name"] == "adamw" and c["dataset"]["protocol"] == "fbank"
         cls = METHODS.get(c["method"]["name"])
         hp = cls.HParams.model_validate({k: v for k, v in c["method"].items() if k != "name"})
-        cls.check(ModelSpec("resnet18", "concat", SHAPES[name], 6), hp)
+        cls.check(ModelSpec("resnet18", c["model"]["fusion"], SHAPES[name], 6), hp)
         cls.check_train(TrainSpec(30, c["train"]["optimizer"], c["train"]["scheduler"]), hp)
 
 
