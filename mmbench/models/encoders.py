@@ -173,7 +173,7 @@ def build_encoder(backbone: str, modality: str, input_shape: list[int]) -> nn.Mo
 FeatureFactory = Callable[[int, int], "FeatureEncoder"]  # (feature dim, max tokens) -> encoder
 FEATURE_ENCODERS: Registry[FeatureFactory] = Registry("feature encoder")
 # the feature encoder each image backbone uses for a 1-D modality; a feature backbone is its own
-FEATURE_PAIRING = {"tiny": "mlp", "resnet18": "transformer"}
+FEATURE_PAIRING = {"tiny": "mlp", "small": "mlp", "resnet18": "transformer"}
 
 
 def is_feature_input(input_shape: list[int]) -> bool:
@@ -270,6 +270,8 @@ def build_feature_encoder(backbone: str, input_shape: list[int]) -> FeatureEncod
 def check_backbone(backbone: str, input_shapes: dict[str, list[int]]) -> None:
     """Raise UserError before training if `backbone` cannot encode one of the modalities."""
     for m, shape in input_shapes.items():
+        if not shape:  # not known yet (a dry run before `prepare`): checked when the store exists
+            continue
         if is_feature_input(shape):
             feature_encoder_name(backbone)
         elif backbone in FEATURE_ENCODERS:
