@@ -29,7 +29,7 @@ from torch import nn
 
 from mmbench.errors import UserError
 from mmbench.models.classifier import ModelOutput, MultimodalClassifier
-from mmbench.models.encoders import Encoder, ResNet18Trunk, TinyTrunk
+from mmbench.models.encoders import Encoder, ResNet18Trunk, SmallTrunk, TinyTrunk
 from mmbench.models.fusion import Fusion
 
 Stage = Callable[[torch.Tensor], torch.Tensor]
@@ -94,17 +94,18 @@ def trunk_stages(trunk: nn.Module) -> list[Stage]:
     if isinstance(trunk, ResNet18Trunk):
         t = trunk
         return [lambda x: t.layer1(t.maxpool(t.relu(t.bn1(t.conv1(x))))), t.layer2, t.layer3, t.layer4]
-    if isinstance(trunk, TinyTrunk):
+    if isinstance(trunk, (TinyTrunk, SmallTrunk)):  # one stage per conv block (conv, BN, ReLU, pool)
         net = trunk.net
-        return [net[0:4], net[4:8], net[8:]]
-    raise UserError(f"fusion 'mmtm' needs convolutional trunks whose stages it can couple (resnet18 or tiny); "
+        starts = [i for i, m in enumerate(net) if isinstance(m, nn.Conv2d)]
+        return [net[a:b] for a, b in zip(starts, starts[1:] + [len(net)])]
+    raise UserError(f"fusion 'mmtm' needs convolutional trunks whose stages it can couple (resnet18, tiny or small); "
                     f"got {type(trunk).__name__}")
 
 
 def stage_widths(trunk: nn.Module) -> list[int]:
     if isinstance(trunk, ResNet18Trunk):
         return [64, 128, 256, 512]
-    assert isinstance(trunk, TinyTrunk)
+    assert isinstance(trunk, (TinyTrunk, SmallTrunk))
     convs = [m for m in trunk.net if isinstance(m, nn.Conv2d)]
     return [c.out_channels for c in convs]
 
