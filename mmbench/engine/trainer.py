@@ -100,11 +100,11 @@ class Trainer:
         data = PreparedDataset(cfg["dataset"]["name"], cfg["dataset"]["protocol"], self.data_dir)
         method = self.build_method(data)
         method.setup(self.device)
-        if method.needs_unimodal_references:
-            method.attach_references(self._references(data, method.modalities))
         mods = method.modalities
         transforms = {m: get_transform(s.transform, **s.transform_args) for m, s in data.meta.modalities.items()}
         aug_gen = torch.Generator()
+        if method.needs_unimodal_references:
+            method.attach_references(self._references(data, method.modalities, transforms, aug_gen))
 
         def prepare(raw: dict[str, torch.Tensor], train: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
             inputs = {}
@@ -354,12 +354,24 @@ class Trainer:
         dep.load_state_dict(ckpt.load(rdir / "model_selected.pt", self.device)["method"])
         return dep.eval()
 
-    def _references(self, data: PreparedDataset, modalities: list[str]) -> dict[str, Method]:
+    def _references(self, data: PreparedDataset, modalities: list[str], transforms: dict[str, Any],
+                    aug_gen: torch.Generator) -> dict[str, Method]:
         missing = [m for m in modalities if m not in self.dependencies]
         if missing:
             raise UserError(f"method '{self.cfg['method']['name']}' needs the unimodal reference run of "
                             f"{', '.join(missing)}; run it with `mmbench sweep` or `mmbench train`, which schedule them")
-        return {m: self._reference(data, self.dependencies[m]) for m in modalities}
+        refs = {m: self._reference(data, self.dependencies[m]) for m in modalities}
+        # used as their own runs evaluated them: with precise BN when the recipe asks for it (their
+        # checkpoints hold the training's running statistics, which precise BN replaces at evaluation)
+        bs, seed = int(self.cfg["train"]["batch_size"]), int(self.cfg["seed"])
+        for m, ref in refs.items():
+            def prep(raw: dict[str, torch.Tensor], train: bool, _m: str = m) -> Any:
+                x = transforms[_m](raw[_m].to(self.device), train, aug_gen if train else None)
+                return {_m: x}, raw["label"].to(self.device)
+
+            self._precise_bn(ref, data.split("train", [m]), prep, bs, seed * 100_003 + 17)
+            ref.eval()
+        return refs
 
 
 def _cuda_events(device: torch.device) -> tuple[Any, Any] | None:
