@@ -42,10 +42,10 @@ from pydantic import model_validator
 
 from mmbench.methods.agm import masked_outputs, shapley_responses
 from mmbench.methods.base import Field, HParams, Method, StepContext, register_method
+from mmbench.methods.modulation import modulate_encoder_grads
 from mmbench.models.classifier import ModelOutput
 from mmbench.models.fusion import Fusion
 
-NOISE_EPS = 1e-8  # added to the gradient std so an all-zero gradient still gets (tiny) noise
 MULTI_EPS = 1e-5  # BalanceBenchmark's guard on the weakest score (M >= 3 only)
 
 
@@ -144,16 +144,8 @@ class OGMGE(Method):
         """Scale each encoder's weight (dim >= 2: conv kernels, feature encoders' matrices)
         gradients; with GE add N(0, (std(g) + 1e-8)^2) noise, std taken from the unmodulated
         gradient, whatever that modality's k."""
-        ge = self.hp.ge  # type: ignore[attr-defined]
-        for m, k in coeffs.items():
-            for p in self.model.encoders[m].parameters():
-                g = p.grad
-                if g is None or g.dim() < 2:
-                    continue
-                if ge:
-                    p.grad = g * k + torch.randn_like(g) * (g.std() + NOISE_EPS)
-                else:
-                    g.mul_(k)
+        modulate_encoder_grads(self.model.encoders, coeffs, self.hp.ge,  # type: ignore[attr-defined]
+                               lambda g: g.dim() >= 2)
 
     def update(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor, ctx: StepContext) -> dict[str, Any]:
         hp: OGMGEHParams = self.hp  # type: ignore[assignment]

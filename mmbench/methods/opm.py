@@ -44,9 +44,7 @@ from pydantic import model_validator
 
 from mmbench.errors import UserError
 from mmbench.methods.base import Field, HParams, Method, ModelSpec, StepContext, register_method
-
-NOISE_EPS = 1e-8  # the code's `std + 1e-8` for the GE noise
-
+from mmbench.methods.modulation import modulate_encoder_grads
 
 class OPMHParams(HParams):
     mode: Literal["opm", "ogm"] = Field("opm", description="opm = prediction modulation (feature drop); ogm = the journal's gradient modulation",
@@ -122,16 +120,6 @@ class ScaleKept(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:
         return 1 / ctx.scale * g.clone(), None
-
-
-def modulate_conv_grads(encoders: torch.nn.ModuleDict, coeffs: dict[str, float], ge: bool) -> None:
-    """OGM(-GE): scale each encoder's conv-kernel (4-D) gradients; GE adds N(0, std(g) + 1e-8) noise."""
-    for m, k in coeffs.items():
-        for p in encoders[m].parameters():
-            g = p.grad
-            if g is None or g.dim() != 4:
-                continue
-            p.grad = g * k + torch.randn_like(g) * (g.std() + NOISE_EPS) if ge else g * k
 
 
 def detached_split(fusion: torch.nn.Module, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -221,7 +209,7 @@ class OPM(Method):
             logs.update({f"k_{m}": v_ for m, v_ in k.items()} | {"ratio": rho})
             if not warm and hp.modulation_starts <= ctx.epoch <= hp.modulation_ends:
                 self.unscale()
-                modulate_conv_grads(self.model.encoders, k, hp.ge)
+                modulate_encoder_grads(self.model.encoders, k, hp.ge, lambda g: g.dim() == 4)  # the code's 4-D kernels
         self.optimizer_step()
         logs["loss"] = loss.detach()
         return logs
